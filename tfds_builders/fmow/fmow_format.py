@@ -2,7 +2,19 @@
 
 One place for the class list: the builder's `ClassLabel`, the sample generator and every consumer
 (through the built dataset's `info.features['label'].names`) agree because they all read it here.
+
+The rest of the module is the pure parsing of one image's JSON record: timestamp, footprint centroid,
+labelled box, crop window, metadata. No I/O here: the builder reads the files and hands the parsed
+dicts to these functions, so every rule can be unit-tested on literals.
 """
+
+import dataclasses
+import datetime
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 # The 62 training classes, alphabetical (the release's 63rd, `false_detection`, is not a class).
 CLASS_NAMES = (
@@ -20,3 +32,221 @@ CLASS_NAMES = (
     "water_treatment_facility", "wind_farm", "zoo",
 )
 assert len(CLASS_NAMES) == 62 and list(CLASS_NAMES) == sorted(CLASS_NAMES)
+
+# JSON keys without which an image is skipped (everything else is optional or ignored).
+REQUIRED_KEYS = ("timestamp", "raw_location", "bounding_boxes")
+# Numeric metadata stored per image (NaN when absent).
+FLOAT_METADATA = ("gsd", "cloud_cover", "off_nadir_angle_dbl", "sun_elevation_dbl")
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_WKT_POLYGON = re.compile(r"^\s*POLYGON\s*(?:ZM|Z|M)?\s*\((.*)\)\s*$", re.IGNORECASE | re.DOTALL)
+_WKT_RING = re.compile(r"\(([^()]*)\)")
+# Larger box values are corrupt records, not pixels (and would overflow the crop arithmetic).
+_MAX_PIXEL_COORDINATE = 1e7
+# Below this area (deg^2, about 1 m^2 at the equator) a footprint is treated as degenerate.
+_MIN_AREA_DEG2 = 1e-10
+
+
+class RecordError(ValueError):
+    """An image JSON that cannot be used; `reason` is the key under which the builder counts the skip."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """What the builder keeps from one image's JSON."""
+    timestamp: int                           # Unix seconds, UTC.
+    lat_lon: tuple[float, float]             # Area centroid of the image footprint, degrees.
+    box: tuple[float, float, float, float]   # Labelled bounding box (x, y, width, height), pixels.
+    metadata: dict                           # FLOAT_METADATA keys -> float, "country_code" -> str.
+
+
+@dataclasses.dataclass(frozen=True)
+class CropWindow:
+    """A square in image pixels. It may overhang the image (negative `left`/`top`); the overhang is zero
+    padding, which is what `PIL.Image.crop` produces outside the image."""
+    left: int
+    top: int
+    size: int
+
+    @property
+    def pil_box(self) -> tuple[int, int, int, int]:
+        """(left, upper, right, lower), as `PIL.Image.crop` takes it."""
+        return (self.left, self.top, self.left + self.size, self.top + self.size)
+
+
+def parse_timestamp(text: str) -> int:
+    """ISO 8601 text ("2012-04-02T10:32:22Z"; fractions and offsets allowed) -> Unix seconds UTC, floored.
+
+    A time without an offset is taken as UTC, which is what the release's "Z" times mean. Integer arithmetic
+    rather than `datetime.timestamp()`, so whole-second times map exactly, without float rounding.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"timestamp must be an ISO 8601 string, got {text!r}")
+    moment = datetime.datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return (moment - _EPOCH) // datetime.timedelta(seconds=1)
+
+
+def parse_wkt_polygon(wkt: str) -> list[np.ndarray]:
+    """WKT "POLYGON ((lon lat, ...), (hole ...))" -> rings as float64 [N, 2] (lon, lat) arrays, exterior first.
+
+    Only POLYGON is accepted (every fMoW footprint is one); Z/M ordinates are dropped.
+    """
+    match = _WKT_POLYGON.match(wkt) if isinstance(wkt, str) else None
+    if match is None:
+        raise ValueError(f"expected a WKT POLYGON, got {str(wkt)[:80]!r}")
+    rings = []
+    for ring_text in _WKT_RING.findall(match.group(1)):
+        vertices = [vertex.split() for vertex in ring_text.split(",")]
+        if len(vertices) < 3 or any(len(v) < 2 for v in vertices):
+            raise ValueError(f"a WKT ring needs at least 3 'lon lat' vertices, got {ring_text[:80]!r}")
+        rings.append(np.array([[float(v[0]), float(v[1])] for v in vertices], dtype=np.float64))
+    if not rings:
+        raise ValueError(f"WKT POLYGON without a ring: {wkt[:80]!r}")
+    return rings
+
+
+def _wrap_lon(lon):
+    """Longitude(s) into [-180, 180)."""
+    return (np.asarray(lon) + 180.0) % 360.0 - 180.0
+
+
+def _ring_area_and_moment(ring: np.ndarray) -> tuple[float, np.ndarray]:
+    """Shoelace formula: signed area of a ring (closed or not) and its first moment (area * centroid)."""
+    x, y = ring[:, 0], ring[:, 1]
+    x_next, y_next = np.roll(x, -1), np.roll(y, -1)
+    cross = x * y_next - x_next * y
+    moment = np.array([((x + x_next) * cross).sum(), ((y + y_next) * cross).sum()]) / 6.0
+    return cross.sum() / 2.0, moment
+
+
+def polygon_centroid(rings: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Area centroid (lat, lon) in degrees of a lon/lat polygon given as rings (exterior first, then holes).
+
+    Planar in degrees, exact enough for footprints of a few km. Longitudes are unwrapped around the first
+    vertex, so a footprint straddling the antimeridian (179.99 .. -179.99) stays one small polygon instead
+    of one spanning the globe; the result is wrapped back into [-180, 180). Working relative to the first
+    vertex also keeps the shoelace products small. Ring orientation does not matter (holes are subtracted
+    by absolute area). A degenerate, zero-area footprint falls back to the mean of its distinct vertices.
+    """
+    origin = rings[0][0]
+    local = []
+    for ring in rings:
+        rel = ring - origin
+        rel[:, 0] = _wrap_lon(rel[:, 0])
+        local.append(rel)
+    ext_area, ext_moment = _ring_area_and_moment(local[0])
+    area, moment = abs(ext_area), np.sign(ext_area) * ext_moment
+    for hole in local[1:]:
+        hole_area, hole_moment = _ring_area_and_moment(hole)
+        area -= abs(hole_area)
+        moment = moment - np.sign(hole_area) * hole_moment
+    if area > _MIN_AREA_DEG2:
+        lon, lat = moment / area
+    else:
+        exterior = local[0][:-1] if np.array_equal(local[0][0], local[0][-1]) else local[0]
+        lon, lat = exterior.mean(axis=0)
+    return float(lat + origin[1]), float(_wrap_lon(lon + origin[0]))
+
+
+def footprint_centroid(wkt: str) -> tuple[float, float]:
+    """(lat, lon) area centroid of a `raw_location` WKT footprint."""
+    return polygon_centroid(parse_wkt_polygon(wkt))
+
+
+def mean_lat_lon(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Mean of (lat, lon) points taken on the unit sphere, so that neighbours on either side of the
+    antimeridian average to about ±180 rather than 0."""
+    lat, lon = np.radians(np.asarray(points, dtype=np.float64).reshape(-1, 2)).T
+    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1).mean(axis=0)
+    norm = np.linalg.norm(xyz)
+    if norm < 1e-9:
+        raise ValueError(f"the points cancel out on the sphere, they have no mean direction: {points!r:.200}")
+    x, y, z = xyz / norm
+    return float(np.degrees(np.arcsin(np.clip(z, -1.0, 1.0)))), float(np.degrees(np.arctan2(y, x)))
+
+
+def choose_box(boxes: Sequence, category: str) -> tuple[float, float, float, float]:
+    """The labelled box (x, y, width, height): the first entry whose "category" is the location folder's
+    category, else the first entry. Several boxes appear when one object was annotated more than once."""
+    if not isinstance(boxes, Sequence) or isinstance(boxes, str) or not boxes:
+        raise ValueError(f"bounding_boxes must be a non-empty list, got {boxes!r:.80}")
+    entries = [b for b in boxes if isinstance(b, Mapping)]
+    chosen = next((b for b in entries if b.get("category") == category), entries[0] if entries else {})
+    values = chosen.get("box")
+    if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != 4:
+        raise ValueError(f"a bounding box needs 'box': [x, y, width, height], got {chosen!r:.80}")
+    x, y, width, height = (float(v) for v in values)
+    if not all(math.isfinite(v) and abs(v) < _MAX_PIXEL_COORDINATE for v in (x, y, width, height)):
+        raise ValueError(f"bounding box values are not finite pixel coordinates: {values!r}")
+    return x, y, width, height
+
+
+def crop_window(box: Sequence[float], image_width: int, image_height: int, context_factor: float) -> CropWindow:
+    """The square crop around `box`: side = context_factor * max(box width, box height), centred on the box.
+
+    - The side is at least 1 px and at most max(image_width, image_height): a larger square would only add
+      padding on every side.
+    - Along an axis where the image is at least as long as the side, the square is shifted to lie inside the
+      image: no padding, and the object is still wholly inside, only off-centre.
+    - Along an axis where the image is shorter than the side, the square is centred on the image and the
+      overhang, split evenly, is zero padding.
+    The box centre is clamped into the image first, so a box partly outside the image still gives a window.
+    """
+    x, y, width, height = box
+    side = int(round(context_factor * max(width, height, 1.0)))
+    side = max(1, min(side, max(image_width, image_height)))
+    centre_x = min(max(x + width / 2.0, 0.0), float(image_width))
+    centre_y = min(max(y + height / 2.0, 0.0), float(image_height))
+    return CropWindow(left=_place(centre_x, side, image_width), top=_place(centre_y, side, image_height),
+                      size=side)
+
+
+def _place(centre: float, side: int, extent: int) -> int:
+    """Start of a `side`-long interval about `centre`, shifted into [0, extent] or, if longer, centred on it."""
+    if side <= extent:
+        return int(min(max(round(centre - side / 2.0), 0), extent - side))
+    return -((side - extent) // 2)
+
+
+def _float_metadata(record: Mapping, key: str) -> float:
+    """A numeric field; for `*_dbl` keys, else the mean of its `_min/_max_dbl` or `_start/_end_dbl` variants;
+    NaN when none is there or parses. Metadata is descriptive only, so an odd value must not cost the image."""
+    candidates = [[key]]
+    if key.endswith("_dbl"):
+        stem = key[: -len("_dbl")]
+        candidates += [[f"{stem}_min_dbl", f"{stem}_max_dbl"], [f"{stem}_start_dbl", f"{stem}_end_dbl"]]
+    for keys in candidates:
+        try:
+            return float(np.mean([float(record[k]) for k in keys]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return float("nan")
+
+
+def parse_image_record(record: object, category: str) -> ImageRecord:
+    """Validates one image's parsed JSON and extracts what the builder stores. Extra keys are ignored.
+
+    Raises:
+      RecordError: reason "missing_field" when timestamp, raw_location or bounding_boxes is absent or empty;
+        "invalid_field" when one of them does not parse, or the JSON is not an object.
+    """
+    if not isinstance(record, Mapping):
+        raise RecordError("invalid_field", f"expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in REQUIRED_KEYS if record.get(key) in (None, "", [])]
+    if missing:
+        raise RecordError("missing_field", f"missing or empty: {', '.join(missing)}")
+    try:
+        timestamp = parse_timestamp(record["timestamp"])
+        lat_lon = footprint_centroid(record["raw_location"])
+        box = choose_box(record["bounding_boxes"], category)
+    except (ValueError, TypeError) as error:
+        raise RecordError("invalid_field", str(error)) from error
+    metadata = {key: _float_metadata(record, key) for key in FLOAT_METADATA}
+    metadata["country_code"] = str(record.get("country_code") or "")
+    return ImageRecord(timestamp=timestamp, lat_lon=lat_lon, box=box, metadata=metadata)

@@ -1,0 +1,163 @@
+"""TFDS builder for fMoW-rgb (Functional Map of the World), one example per location.
+
+    tfds build tfds_builders/fmow --manual_dir=PATH [--config=rgb_64] [--data_dir=DIR]
+
+PATH is the extracted fmow-rgb release root (train/, val/, and test/ when it has the labelled layout).
+Every image is cropped around its labelled box and stored as a small square JPEG (rules in README.md and
+`fmow_format.crop_window`); a location's images are sorted by their JSON timestamps.
+
+The build streams: locations are read one at a time by a bounded pool of threads (PIL releases the GIL
+while decoding, cropping and encoding), so memory holds only the in-flight locations whatever the size of
+the release. Unusable images are skipped with a warning naming the file and counted per reason; the counts
+are logged at the end of each split.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import multiprocessing
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from absl import logging
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from . import fmow_format
+from . import fmow_reader
+
+# Crop side = CONTEXT_FACTOR x the box's longer side: the object fills about half the crop and the other
+# half is its surroundings, which fMoW classes depend on (a runway vs a road, a tank farm vs one tank).
+DEFAULT_CONTEXT_FACTOR = 2.0
+# Reader threads: one per core, at most _MAX_WORKERS. Each holds one decoded source image at a time (tens of
+# MB for the release's largest), and past a few dozen threads the GIL-bound JSON work stops scaling anyway.
+_MAX_WORKERS = 32
+# Locations queued per worker thread: enough to keep every core busy, few enough to bound memory.
+_IN_FLIGHT_PER_WORKER = 4
+# Seconds between progress lines.
+_PROGRESS_EVERY_S = 30.0
+
+
+@dataclasses.dataclass(eq=False)
+class FmowConfig(tfds.core.BuilderConfig):
+    """image_size: side of the stored square crops; use_msrgb: read the `_msrgb` files instead of `_rgb`;
+    context_factor: crop side as a multiple of the labelled box's longer side."""
+    image_size: int = 256
+    use_msrgb: bool = False
+    context_factor: float = DEFAULT_CONTEXT_FACTOR
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    """fMoW-rgb: satellite image time series per location, 62 classes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "One example per location; images cropped around the labelled box."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = fmow_reader.DOWNLOAD_INSTRUCTIONS
+    BUILDER_CONFIGS = [
+        FmowConfig(name="rgb_256", image_size=256, description="RGB crops, 256x256 JPEG."),
+        FmowConfig(name="rgb_64", image_size=64, description="RGB crops, 64x64 JPEG (sample data, tests)."),
+        FmowConfig(name="msrgb_256", image_size=256, use_msrgb=True,
+                   description="Crops of the `_msrgb` companions, 256x256 JPEG."),
+    ]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.builder_config.image_size
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "location_id": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=fmow_format.CLASS_NAMES),
+                "coordinates": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+                "images": tfds.features.Sequence(
+                    tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg")),
+                "timestamps": tfds.features.Sequence(np.int64),
+                "metadata": tfds.features.Sequence({
+                    "gsd": np.float32,
+                    "cloud_cover": np.float32,
+                    "off_nadir_angle_dbl": np.float32,
+                    "sun_elevation_dbl": np.float32,
+                    "country_code": tfds.features.Text(),
+                    "image_stem": tfds.features.Text(),
+                }),
+            }),
+            supervised_keys=None,
+            homepage="https://github.com/fMoW/dataset",
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        splits = fmow_reader.find_splits(epath.Path(dl_manager.manual_dir))
+        if "val" not in splits:
+            logging.warning("fmow: %s has no val/ with category folders; building train%s only.",
+                            dl_manager.manual_dir, " and test" if "test" in splits else "")
+        return {split: self._generate_examples(split, split_dir) for split, split_dir in splits.items()}
+
+    def _generate_examples(self, split: str, split_dir: epath.Path):
+        """Yields (location_id, example) as locations finish reading; logs progress and skip counts."""
+        config = self.builder_config
+        locations = fmow_reader.list_locations(split, split_dir)
+        tally = _SplitTally(f"fmow/{config.name} {split}", total=len(locations))
+
+        def read(location):
+            return fmow_reader.read_location(location, image_size=config.image_size,
+                                             use_msrgb=config.use_msrgb, context_factor=config.context_factor)
+
+        workers = min(multiprocessing.cpu_count(), _MAX_WORKERS)
+        for result in _map_unordered(read, locations, workers, workers * _IN_FLIGHT_PER_WORKER):
+            tally.add(result)
+            if result.example is not None:
+                yield result.location_id, result.example
+        tally.finish(split_dir)
+
+
+def _map_unordered(fn: Callable, items: Iterable, workers: int, max_in_flight: int) -> Iterator:
+    """fn(item) for every item on a thread pool, yielded as they complete. At most `max_in_flight` items are
+    submitted and not yet yielded (a new one is submitted only once a result has been taken), so memory stays
+    bounded however many items there are."""
+    items = iter(items)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = {pool.submit(fn, item) for item in itertools.islice(items, max_in_flight)}
+        while pending:
+            done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+                pending |= {pool.submit(fn, item) for item in itertools.islice(items, 1)}
+
+
+class _SplitTally:
+    """Counts a split's results, logs each skipped image, progress every _PROGRESS_EVERY_S and a summary."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total = name, total
+        self.done = self.written = self.images = self.dropped = 0
+        self.skips = collections.Counter()
+        self.start = self.last_report = time.monotonic()
+
+    def add(self, result: fmow_reader.LocationResult):
+        self.done += 1
+        for skip in result.skipped:
+            self.skips[skip.reason] += 1
+            logging.warning("%s: skipping %s (%s): %s", self.name, skip.path, skip.reason, skip.detail)
+        if result.example is None:
+            self.dropped += 1
+            logging.warning("%s: dropping location %s: no usable image", self.name, result.location_id)
+        else:
+            self.written += 1
+            self.images += result.num_images
+        now = time.monotonic()
+        if now - self.last_report >= _PROGRESS_EVERY_S:
+            self.last_report = now
+            logging.info("%s: %d/%d locations, %d images (%.1f images/s)", self.name, self.done, self.total,
+                         self.images, self.images / (now - self.start))
+
+    def finish(self, split_dir: epath.Path):
+        """Logs the split's counts; raises if no location survived."""
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        skipped = ", ".join(f"{reason}={count}" for reason, count in sorted(self.skips.items())) or "none"
+        logging.info("%s: wrote %d locations, %d images in %.1f s (%.1f images/s); skipped images: %s; "
+                     "dropped locations: %d", self.name, self.written, self.images, elapsed,
+                     self.images / elapsed, skipped, self.dropped)
+        if not self.written:
+            raise ValueError(f"{self.name}: no usable location in {split_dir} ({self.total} location folders; "
+                             f"skipped images: {skipped}). Check the release against the layout in "
+                             "MANUAL_DOWNLOAD_INSTRUCTIONS.")

@@ -1,0 +1,158 @@
+"""The files a GeoImageNet manual dir holds besides the images, in one place.
+
+`geotags.csv` is written by the geotagger (`geo_contrast.geotag`) and by the sample generator and read by the
+builder; `words.txt` is ImageNet's own wnid -> name list. Keeping the columns, the ImageNet image-id grammar and
+the validation here means the writers and the reader cannot drift apart. Standard library only, so the
+geotagger does not pull in TensorFlow.
+"""
+
+import csv
+import dataclasses
+import io
+import re
+from typing import Iterable, Iterator
+
+GEOTAGS_FILENAME = "geotags.csv"
+WORDS_FILENAME = "words.txt"
+# Photos Flickr answered "no geotag" for (codes 1 and 2) live beside the geotags, so a restart skips them.
+MISSING_SUFFIX = ".missing"
+
+GEOTAG_COLUMNS = ("image_id", "wnid", "lat", "lon", "accuracy", "country")
+MISSING_COLUMNS = ("image_id", "wnid", "code")
+# Flickr's getLocation error codes that mean "this photo has no usable geotag" (not a transient failure).
+NO_GEOTAG_CODES = {1: "photo not found", 2: "photo has no location information"}
+
+# ImageNet image ids are `<wnid>_<n>`, a wnid being `n` + 8 digits (WordNet noun offset).
+_IMAGE_ID_RE = re.compile(r"(n\d{8})_(\d+)")
+_WNID_RE = re.compile(r"n\d{8}")
+
+
+def wnid_of(image_id: str) -> str:
+    """The synset of an ImageNet image id (`n02084071_1234` -> `n02084071`); ValueError if it is not one."""
+    match = _IMAGE_ID_RE.fullmatch(image_id)
+    if match is None:
+        raise ValueError(f"{image_id!r} is not an ImageNet image id (<wnid>_<n>, e.g. n02084071_1234)")
+    return match.group(1)
+
+
+def is_wnid(name: str) -> bool:
+    return _WNID_RE.fullmatch(name) is not None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GeoTag:
+    """One geotagged image: Flickr's location of the photo behind an ImageNet image id."""
+
+    image_id: str
+    wnid: str
+    lat: float
+    lon: float
+    accuracy: int  # Flickr's 1 (world) .. 16 (street)
+    country: str  # may be empty: Flickr names no country for photos at sea or on borders
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Missing:
+    """An image whose Flickr photo has no geotag: `code` is a NO_GEOTAG_CODES key."""
+
+    image_id: str
+    wnid: str
+    code: int
+
+
+def csv_line(fields: Iterable[object]) -> str:
+    """One CSV record ending in a newline, quoted by the csv module (countries such as "Korea, Republic of")."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields)
+    return buffer.getvalue()
+
+
+def geotag_line(tag: GeoTag) -> str:
+    """One line, always: the geotagger finds torn rows by their missing newline, so the country keeps none.
+
+    repr() round-trips a float exactly, so the builder reads back the very value that was written.
+    """
+    country = " ".join(tag.country.split())
+    return csv_line((tag.image_id, tag.wnid, repr(tag.lat), repr(tag.lon), tag.accuracy, country))
+
+
+def missing_line(missing: Missing) -> str:
+    return csv_line((missing.image_id, missing.wnid, missing.code))
+
+
+def _checked_id(image_id: str, wnid: str, where: str) -> None:
+    try:
+        id_wnid = wnid_of(image_id)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if id_wnid != wnid:
+        raise ValueError(f"{where}: wnid {wnid!r} does not match image id {image_id!r}")
+
+
+def parse_geotag(row: list[str], where: str) -> GeoTag:
+    """A validated GeoTag from one CSV record; `where` ("file:line") prefixes every error."""
+    if len(row) != len(GEOTAG_COLUMNS):
+        raise ValueError(f"{where}: expected the {len(GEOTAG_COLUMNS)} fields {GEOTAG_COLUMNS}, got {row!r}")
+    image_id, wnid, lat_s, lon_s, accuracy_s, country = row
+    _checked_id(image_id, wnid, where)
+    try:
+        lat, lon, accuracy = float(lat_s), float(lon_s), int(accuracy_s)
+    except ValueError:
+        raise ValueError(
+            f"{where}: lat/lon/accuracy must be numbers, got {lat_s!r}, {lon_s!r}, {accuracy_s!r}") from None
+    if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+        raise ValueError(f"{where}: coordinates out of range: lat={lat}, lon={lon}")
+    if not 0 <= accuracy <= 16:
+        raise ValueError(f"{where}: Flickr accuracy must be 0..16, got {accuracy}")
+    return GeoTag(image_id, wnid, lat, lon, accuracy, country)
+
+
+def parse_missing(row: list[str], where: str) -> Missing:
+    if len(row) != len(MISSING_COLUMNS):
+        raise ValueError(f"{where}: expected the {len(MISSING_COLUMNS)} fields {MISSING_COLUMNS}, got {row!r}")
+    image_id, wnid, code_s = row
+    _checked_id(image_id, wnid, where)
+    if code_s not in {str(code) for code in NO_GEOTAG_CODES}:
+        raise ValueError(f"{where}: code must be one of {sorted(NO_GEOTAG_CODES)}, got {code_s!r}")
+    return Missing(image_id, wnid, int(code_s))
+
+
+def _records(lines: Iterable[str], columns: tuple[str, ...], source: str) -> Iterator[tuple[str, list[str]]]:
+    """(where, row) for each record after checking the header; each image id may appear once."""
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None or tuple(header) != columns:
+        raise ValueError(f"{source}: header must be {','.join(columns)}, got {header!r}")
+    seen = set()
+    for row in reader:
+        where = f"{source}:{reader.line_num}"
+        if row and row[0] in seen:
+            raise ValueError(f"{where}: image id {row[0]!r} appears twice")
+        if row:
+            seen.add(row[0])
+        yield where, row
+
+
+def read_geotags(lines: Iterable[str], source: str) -> Iterator[GeoTag]:
+    """GeoTags from the text lines of a geotags.csv, streamed; `source` names the file in errors."""
+    for where, row in _records(lines, GEOTAG_COLUMNS, source):
+        yield parse_geotag(row, where)
+
+
+def read_missing(lines: Iterable[str], source: str) -> Iterator[Missing]:
+    for where, row in _records(lines, MISSING_COLUMNS, source):
+        yield parse_missing(row, where)
+
+
+def parse_words(lines: Iterable[str], source: str) -> dict[str, str]:
+    """ImageNet's words.txt (`<wnid>\\t<comma-separated synonyms>` per line) as {wnid: names}."""
+    names = {}
+    for number, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if not line:
+            continue
+        wnid, tab, name = line.partition("\t")
+        if not tab or not is_wnid(wnid):
+            raise ValueError(f"{source}:{number}: expected '<wnid>\\t<names>', got {line!r}")
+        names[wnid] = name.strip()
+    return names
