@@ -1,0 +1,314 @@
+"""GeoImageNet builder and sample generator on generated trees, checked against geotags.csv read independently."""
+
+import collections
+import csv
+import hashlib
+import io
+import logging
+import pathlib
+import re
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from geo_contrast import sample_geo_imagenet
+from tfds_builders.geo_imagenet import geo_imagenet_dataset_builder as gib
+
+BUILDER_DIR = pathlib.Path(gib.__file__).parent
+GHOST_WNID = "n09999999"  # in geotags.csv, absent from the manual dir
+
+
+def expected_split(image_id, val_fraction):
+    """The documented rule written out again: first 8 bytes of SHA-256, big-endian, vs val_fraction * 2**64."""
+    value = int(hashlib.sha256(image_id.encode()).hexdigest()[:16], 16)
+    return "val" if value / 2.0**64 < val_fraction else "train"
+
+
+def read_geotags_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["image_id"]: row for row in csv.DictReader(f)}
+
+
+def build(manual_dir, data_dir, config="s64"):
+    builder = gib.Builder(config=config, data_dir=str(data_dir))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    return builder
+
+
+def examples(builder, split):
+    return list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts.
+
+
+def test_split_of_follows_the_documented_hash_and_ratio():
+    ids = [f"n{1000000 + i % 7:08d}_{i}" for i in range(5000)]
+    for fraction in (0.1, 0.2):
+        splits = [gib.split_of(i, fraction) for i in ids]
+        assert splits == [expected_split(i, fraction) for i in ids]
+        assert abs(splits.count("val") / len(ids) - fraction) < 0.02
+    # A bigger val fraction only moves images from train to val, never back.
+    assert all(gib.split_of(i, 0.2) == "val" for i in ids if gib.split_of(i, 0.1) == "val")
+
+
+@pytest.mark.parametrize("width, height, side, want", [
+    (400, 300, 256, (341, 256)), (300, 400, 64, (64, 85)), (50, 40, 64, (80, 64)), (10, 1000, 1, (1, 100)),
+    (256, 256, 256, (256, 256))])
+def test_resized_size(width, height, side, want):
+    assert gib.resized_size(width, height, side) == want
+
+
+def _encoded(mode, size, fmt):
+    buffer = io.BytesIO()
+    Image.new(mode, size, color=(10, 200, 30, 0)[: len(mode)] if len(mode) > 1 else 120).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("CMYK", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"),
+                                       ("P", "PNG")])
+def test_encode_resized_gives_rgb_jpeg_with_the_shorter_side(mode, fmt):
+    out = Image.open(io.BytesIO(gib.encode_resized(_encoded(mode, (120, 90), fmt), 30)))
+    assert (out.format, out.mode, out.size) == ("JPEG", "RGB", (40, 30))
+
+
+def test_encode_resized_keeps_colour():
+    out = np.asarray(Image.open(io.BytesIO(gib.encode_resized(_encoded("RGB", (64, 48), "PNG"), 24))))
+    np.testing.assert_allclose(out.reshape(-1, 3).mean(0), [10, 200, 30], atol=3)
+
+
+@pytest.mark.parametrize("damage", [lambda d: d[: len(d) // 2], lambda d: b"not an image", lambda d: b""])
+def test_encode_resized_raises_a_decode_error_on_damaged_files(damage):
+    with pytest.raises(gib._IMAGE_ERRORS):
+        gib.encode_resized(damage(_encoded("RGB", (200, 150), "JPEG")), 32)
+
+
+def test_ordered_parallel_keeps_order_and_a_bounded_window():
+    pulled, outstanding = [0], []
+
+    def items():
+        for i in range(50):
+            pulled[0] += 1
+            yield i
+
+    results = []
+    pairs = gib._ordered_parallel(lambda x: x * x, items(), threads=3, window=4)
+    for consumed, (item, future) in enumerate(pairs):
+        outstanding.append(pulled[0] - consumed)
+        results.append((item, future.result()))
+    assert results == [(i, i * i) for i in range(50)]
+    assert max(outstanding) <= 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sample generator.
+
+
+def _tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_sample_generator_is_deterministic_and_layouts_hold_the_same_images(tmp_path):
+    kwargs = dict(num_classes=3, images_per_class=4)
+    summary = sample_geo_imagenet.generate(tmp_path / "a", seed=5, layout="dirs", **kwargs)
+    sample_geo_imagenet.generate(tmp_path / "b", seed=5, layout="dirs", **kwargs)
+    sample_geo_imagenet.generate(tmp_path / "c", seed=6, layout="dirs", **kwargs)
+    sample_geo_imagenet.generate(tmp_path / "t", seed=5, layout="tars", **kwargs)
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+    assert _tree_bytes(tmp_path / "a") != _tree_bytes(tmp_path / "c")
+    assert summary["images"] == 12 and summary["wnids"] == sorted(summary["wnids"])
+    for wnid in summary["wnids"]:
+        folder = {p.name: p.read_bytes() for p in (tmp_path / "a" / wnid).iterdir()}
+        with tarfile.open(tmp_path / "t" / f"{wnid}.tar") as tar:
+            packed = {m.name: tar.extractfile(m).read() for m in tar}
+        assert folder == packed and sorted(folder) == [f"{wnid}_{n}.JPEG" for n in range(1, 5)]
+    tags = read_geotags_csv(tmp_path / "a" / "geotags.csv")
+    with open(tmp_path / "a" / "geotags.csv.missing", newline="") as f:
+        missing = [row["image_id"] for row in csv.DictReader(f)]
+    assert len(tags) == summary["geotagged"] and len(tags) + len(missing) == 12
+    assert set(tags).isdisjoint(missing)
+    assert (tmp_path / "a" / "words.txt").read_text().startswith("n01440764\ttench")
+
+
+def test_sample_images_and_coordinates_carry_class_structure(tmp_path):
+    """A nearest-centroid rule on mean colour, and one on coordinates, both recover every class."""
+    sample_geo_imagenet.generate(tmp_path, seed=1, num_classes=5, images_per_class=6, geotagged_fraction=1.0)
+    colours, places, labels = [], [], []
+    for image_id, row in read_geotags_csv(tmp_path / "geotags.csv").items():
+        pixels = np.asarray(Image.open(tmp_path / row["wnid"] / f"{image_id}.JPEG"), dtype=np.float64)
+        colours.append(pixels.reshape(-1, 3).mean(0))
+        places.append([float(row["lat"]), float(row["lon"])])
+        labels.append(row["wnid"])
+    labels = np.array(labels)
+    for features in (np.array(colours), np.array(places)):
+        classes = sorted(set(labels))
+        centroids = np.stack([features[labels == c].mean(0) for c in classes])
+        nearest = np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+        assert list(np.array(classes)[nearest]) == list(labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The builder on a damaged tree: dirs and tars, a corrupt JPEG, a missing file, a cut tar, a missing synset.
+
+
+@pytest.fixture(scope="module")
+def damaged_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("geo_imagenet") / "manual"
+    summary = sample_geo_imagenet.generate(root, seed=3, num_classes=4, images_per_class=8, layout="mixed")
+    tags = read_geotags_csv(root / "geotags.csv")
+    by_wnid = collections.defaultdict(list)
+    for image_id, row in tags.items():
+        by_wnid[row["wnid"]].append(image_id)
+    folder_wnid, tar_wnid = summary["wnids"][0], summary["wnids"][3]  # "mixed": classes 0, 2 folders; 1, 3 tars
+    assert (root / folder_wnid).is_dir() and (root / f"{tar_wnid}.tar").is_file()
+    damaged = {}
+
+    corrupt, missing = by_wnid[folder_wnid][:2]
+    path = root / folder_wnid / f"{corrupt}.JPEG"
+    path.write_bytes(path.read_bytes()[:300])
+    damaged[corrupt] = "unreadable_image"
+    (root / folder_wnid / f"{missing}.JPEG").unlink()
+    damaged[missing] = "missing_file"
+
+    # Cut the tar in the middle of the data of its last geotagged member.
+    tar_path = root / f"{tar_wnid}.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [m for m in tar if m.name[: -len(".JPEG")] in tags]
+    last = members[-1]
+    tar_path.write_bytes(tar_path.read_bytes()[: last.offset_data + last.size // 2])
+    damaged[last.name[: -len(".JPEG")]] = "corrupt_tar"
+
+    ghost_rows = [f"{GHOST_WNID}_{n},{GHOST_WNID},1.5,2.5,16,Chile\n" for n in (1, 2, 3)]
+    with open(root / "geotags.csv", "a", encoding="utf-8") as f:
+        f.writelines(ghost_rows)
+    for n in (1, 2, 3):
+        damaged[f"{GHOST_WNID}_{n}"] = "missing_synset"
+    return root, summary, read_geotags_csv(root / "geotags.csv"), damaged
+
+
+@pytest.fixture(scope="module")
+def built(damaged_tree, tmp_path_factory):
+    root = damaged_tree[0]
+    handler, absl_logger = _Records(), logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.addHandler(handler)
+    absl_logger.setLevel(logging.INFO)
+    try:
+        builder = build(root, tmp_path_factory.mktemp("data"))
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(level)
+    return builder, {split: examples(builder, split) for split in ("train", "val")}, handler.messages
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_builder_writes_every_intact_geotagged_image_once_in_its_hash_split(damaged_tree, built):
+    _, _, tags, damaged = damaged_tree
+    builder, by_split, _ = built
+    fraction = builder.builder_config.val_fraction
+    for split, rows in by_split.items():
+        ids = [ex["image_id"].decode() for ex in rows]
+        assert len(ids) == len(set(ids))
+        assert set(ids) == {i for i in tags if i not in damaged and expected_split(i, fraction) == split}
+        assert builder.info.splits[split].num_examples == len(ids)
+    assert by_split["val"] and by_split["train"]
+
+
+def test_builder_labels_coordinates_and_images(damaged_tree, built):
+    root, summary, tags, _ = damaged_tree
+    builder, by_split, _ = built
+    names = builder.info.features["label"].names
+    assert names == summary["wnids"]  # sorted, the ghost synset left out
+    words = dict(line.split("\t") for line in (root / "words.txt").read_text().splitlines())
+    assert builder.info.metadata["class_names"] == [words[w] for w in names]
+    for ex in by_split["train"] + by_split["val"]:
+        row = tags[ex["image_id"].decode()]
+        assert names[ex["label"]] == row["wnid"]
+        want = np.array([float(row["lat"]), float(row["lon"])], np.float32)
+        np.testing.assert_array_equal(ex["coordinates"], want)
+        assert ex["coordinates"].dtype == np.float32
+        assert min(ex["image"].shape[:2]) == 64 and ex["image"].shape[2] == 3
+
+
+def test_builder_names_each_skipped_file_and_counts_reasons_per_split(damaged_tree, built):
+    root, _, _, damaged = damaged_tree
+    builder, by_split, messages = built
+    fraction = builder.builder_config.val_fraction
+    for image_id, reason in damaged.items():
+        if reason in ("unreadable_image", "missing_file"):
+            assert any(f"{image_id}.JPEG ({reason})" in m for m in messages), image_id
+    assert any(f"{GHOST_WNID} (missing_synset)" in m for m in messages)
+    for split, rows in by_split.items():
+        want = collections.Counter(r for i, r in damaged.items() if expected_split(i, fraction) == split)
+        summaries = [re.fullmatch(rf"geo_imagenet {split}: (\d+) examples; skipped: (.*)", m) for m in messages]
+        [match] = [m for m in summaries if m]
+        assert int(match.group(1)) == len(rows)
+        got = dict(item.split("=") for item in match.group(2).split(", ")) if match.group(2) != "none" else {}
+        assert {k: int(v) for k, v in got.items()} == dict(want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_missing_geotags_csv_is_a_clear_error(tmp_path):
+    sample_geo_imagenet.generate(tmp_path / "manual", num_classes=1, images_per_class=2)
+    (tmp_path / "manual" / "geotags.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"geotags.csv not found(.|\n)*Flickr API key"):
+        build(tmp_path / "manual", tmp_path / "data")
+
+
+def test_empty_manual_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "manual").mkdir()
+    with pytest.raises(AssertionError, match=r"does not exist or is empty(.|\n)*geo_contrast.geotag"):
+        build(tmp_path / "manual", tmp_path / "data")
+
+
+def test_empty_split_is_an_error(tmp_path):
+    sample_geo_imagenet.generate(tmp_path / "manual", num_classes=1, images_per_class=1, geotagged_fraction=1.0)
+    image_id = next(iter(read_geotags_csv(tmp_path / "manual" / "geotags.csv")))
+    empty = "train" if expected_split(image_id, 0.2) == "val" else "val"
+    with pytest.raises(ValueError, match=f"split '{empty}' is empty"):
+        build(tmp_path / "manual", tmp_path / "data")
+
+
+def test_bad_geotags_row_names_file_and_line(tmp_path):
+    sample_geo_imagenet.generate(tmp_path / "manual", num_classes=1, images_per_class=2, geotagged_fraction=1.0)
+    with open(tmp_path / "manual" / "geotags.csv", "a") as f:
+        f.write("n01440764_7,n01440764,95.0,10.0,16,Nowhere\n")
+    with pytest.raises(ValueError, match=r"geotags.csv:4: coordinates out of range"):
+        build(tmp_path / "manual", tmp_path / "data")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real command line.
+
+
+def test_tfds_build_cli_on_a_tiny_tree_without_words(tmp_path):
+    summary = sample_geo_imagenet.generate(tmp_path / "manual", seed=2, num_classes=2, images_per_class=6,
+                                           layout="tars", with_words=False)
+    tags = read_geotags_csv(tmp_path / "manual" / "geotags.csv")
+    tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
+    result = subprocess.run(
+        [str(tfds_cli), "build", str(BUILDER_DIR), f"--manual_dir={tmp_path / 'manual'}", "--config=s64",
+         f"--data_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    builder = tfds.builder_from_directory(str(tmp_path / "data" / "geo_imagenet" / "s64" / "1.0.0"))
+    assert builder.info.features["label"].names == summary["wnids"]
+    assert builder.info.metadata["class_names"] == summary["wnids"]  # no words.txt: the wnids stand in
+    built_ids = {ex["image_id"].decode() for split in ("train", "val") for ex in examples(builder, split)}
+    assert built_ids == set(tags)

@@ -1,0 +1,469 @@
+"""The geotagger: URL parsing, Flickr answers, rate limit, and whole runs against a fake Flickr on 127.0.0.1."""
+
+import collections
+import csv
+import dataclasses
+import http.server
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from geo_contrast import flickr, geotag
+from tfds_builders.geo_imagenet import geotags_format as fmt
+
+GOOD_KEY = "good-key"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts.
+
+
+@pytest.mark.parametrize("url, photo_id", [
+    ("http://farm1.static.flickr.com/39/86593839_67bec5ca63.jpg", "86593839"),
+    ("http://farm4.static.flickr.com/3175/2737866473_7958dc8760.jpg?v=0", "2737866473"),
+    ("https://farm3.staticflickr.com/2814/9372911321_a1b2c3d4e5_z.jpg", "9372911321"),
+    ("https://live.staticflickr.com/65535/51234567890_0a1b2c3d4e_b.jpg", "51234567890"),
+    ("http://static.flickr.com/101/270891263_cb7f4fbc8a.jpg", "270891263"),
+    ("https://c1.staticflickr.com/9/8525/8603938862_5fc0a1a9da_o.png", "8603938862"),
+    ("  http://farm2.static.flickr.com/1/2_ab.JPG\n", "2"),
+    ("http://www.flickr.com/photos/someone/86593839/", None),  # a photo page, not a static image
+    ("http://farm1.static.flickr.com/39/86593839.jpg", None),  # no secret
+    ("http://farm1.static.flickr.com/39/86593839_67bec5ca63.html", None),
+    ("http://static.flickr.com.evil.example/39/86593839_67bec5ca63.jpg", None),
+    ("http://www.example.com/39/86593839_67bec5ca63.jpg", None),
+    ("not a url", None),
+])
+def test_parse_photo_id(url, photo_id):
+    assert flickr.parse_photo_id(url) == photo_id
+
+
+def test_iter_tasks_keeps_flickr_lines_and_counts_the_rest():
+    lines = [
+        "n01440764_1\thttp://farm1.static.flickr.com/1/111_aa.jpg\n",
+        "n01440764_2\thttp://www.example.com/a.jpg\r\n",
+        "no tab on this line\n",
+        "\n",
+        "dog_3\thttp://farm1.static.flickr.com/1/333_aa.jpg\n",  # not an ImageNet id
+        "n02102040_7\thttps://live.staticflickr.com/65535/777_bb_b.jpg",
+    ]
+    skipped = collections.Counter()
+    tasks = list(geotag.iter_tasks(lines, skipped))
+    assert tasks == [geotag.Task("n01440764_1", "n01440764", "111"),
+                     geotag.Task("n02102040_7", "n02102040", "777")]
+    assert skipped == {"not_flickr": 1, "malformed": 2}
+
+
+def test_not_yet_asked_skips_answered_and_repeated_ids():
+    tasks = [geotag.Task(f"n00000001_{i}", "n00000001", str(i)) for i in (1, 2, 3, 2)]
+    assert [t.photo_id for t in geotag.not_yet_asked(tasks, {"n00000001_1"})] == ["2", "3"]
+
+
+def _ok_body(lat, lon, accuracy=16, country="France"):
+    location = {"latitude": str(lat), "longitude": str(lon), "accuracy": str(accuracy)}
+    if country is not None:
+        location["country"] = {"_content": country}
+    return json.dumps({"photo": {"id": "1", "location": location}, "stat": "ok"}).encode()
+
+
+def _fail_body(code, message="msg"):
+    return json.dumps({"stat": "fail", "code": code, "message": message}).encode()
+
+
+def test_interpret_get_location():
+    assert flickr.interpret_get_location(_ok_body("48.858", "2.294", 16)) == flickr.Location(
+        48.858, 2.294, 16, "France")
+    assert flickr.interpret_get_location(_ok_body(-33.9, 151.2, 11, None)).country == ""
+    assert flickr.interpret_get_location(_fail_body(1)) == flickr.NoGeotag(1)
+    assert flickr.interpret_get_location(_fail_body(2)) == flickr.NoGeotag(2)
+    with pytest.raises(flickr.InvalidApiKeyError, match="code 100"):
+        flickr.interpret_get_location(_fail_body(100, "Invalid API Key"))
+    with pytest.raises(flickr.FlickrError, match="code 112"):
+        flickr.interpret_get_location(_fail_body(112, "Method not found"))
+    for transient in (_fail_body(105), b"<html>oops", b"[1, 2]", b'{"stat": "ok", "photo": {}}', _ok_body(91, 0)):
+        with pytest.raises(flickr.TransientError):
+            flickr.interpret_get_location(transient)
+
+
+def test_location_request_url_carries_the_documented_query():
+    url = flickr.location_request_url("http://127.0.0.1:9/rest/", "K&Y", "123")
+    parsed = urllib.parse.urlsplit(url)
+    assert parsed.path == "/rest/"
+    assert urllib.parse.parse_qs(parsed.query) == {
+        "method": ["flickr.photos.geo.getLocation"], "api_key": ["K&Y"], "photo_id": ["123"],
+        "format": ["json"], "nojsoncallback": ["1"]}
+
+
+def test_backoff_delay_doubles_up_to_the_cap():
+    assert [flickr.backoff_delay(a, 0.5, 3.0) for a in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_rate_limiter_spaces_slots_evenly():
+    now = [100.0]
+    limiter = flickr.RateLimiter(1800, clock=lambda: now[0])  # one call every 2 s
+    assert [limiter.reserve() for _ in range(3)] == [0.0, 2.0, 4.0]  # slots at 100, 102, 104
+    now[0] = 103.0
+    assert limiter.reserve() == 3.0  # next free slot is 106
+    now[0] = 200.0
+    assert limiter.reserve() == 0.0  # idle time is not banked as a burst
+    assert limiter.reserve() == 2.0
+    with pytest.raises(ValueError):
+        flickr.RateLimiter(0)
+
+
+def test_progress_line_eta():
+    counts = collections.Counter(located=20, no_geotag=25, failed=5)
+    # 50 of 200 answered in 100 s: 0.5/s, 150 left -> 300 s.
+    assert geotag.progress_line(50, 200, 100.0, counts) == (
+        "50/200 (25.0%) | 20 located, 25 no geotag, 5 failed | 0.50/s | ETA 5m00s")
+    assert geotag.progress_line(0, 10, 0.0, collections.Counter()).endswith("ETA ?")
+    assert geotag.progress_line(10, 10, 5.0, counts).endswith("| done")
+    assert geotag.progress_line(1, 100001, 1.0, counts).endswith("ETA 1d03h46m")  # 100000 s = 1 d 3 h 46 m 40 s
+    assert geotag.progress_line(1, 7261, 1.0, counts).endswith("ETA 2h01m")  # 7260 s
+
+
+def test_drop_torn_tail(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"a,b\n1,2\n3,")
+    assert geotag.drop_torn_tail(str(path)) == 2
+    assert path.read_bytes() == b"a,b\n1,2\n"
+    assert geotag.drop_torn_tail(str(path)) == 0
+    path.write_bytes(b"a,")  # torn header
+    assert geotag.drop_torn_tail(str(path)) == 2 and path.read_bytes() == b""
+    assert geotag.drop_torn_tail(str(tmp_path / "absent.csv")) == 0
+
+
+def test_geotags_format_round_trips_one_line_per_row():
+    tags = [fmt.GeoTag("n02102040_7", "n02102040", 37.566535, 126.977969, 16, "Korea,\nRepublic of"),
+            fmt.GeoTag("n01440764_1", "n01440764", 0.1 + 0.2, 1e-7, 0, "")]
+    text = fmt.csv_line(fmt.GEOTAG_COLUMNS) + "".join(fmt.geotag_line(t) for t in tags)
+    assert text.count("\n") == 3
+    back = list(fmt.read_geotags(text.splitlines(keepends=True), "g.csv"))
+    assert back[0] == dataclasses.replace(tags[0], country="Korea, Republic of")
+    assert back[1] == tags[1]  # floats exactly, including 0.30000000000000004
+
+
+@pytest.mark.parametrize("body, error", [
+    ("n01440764_1,n01440764,1,2,16,France\nn01440764_1,n01440764,1,2,16,France\n", r"g.csv:3: .* appears twice"),
+    ("n01440764_1,n02102040,1,2,16,France\n", r"g.csv:2: wnid 'n02102040' does not match"),
+    ("dog_1,n01440764,1,2,16,France\n", r"g.csv:2: 'dog_1' is not an ImageNet image id"),
+    ("n01440764_1,n01440764,1,181,16,France\n", r"g.csv:2: coordinates out of range"),
+    ("n01440764_1,n01440764,north,2,16,France\n", r"g.csv:2: lat/lon/accuracy must be numbers"),
+    ("n01440764_1,n01440764,1,2,17,France\n", r"g.csv:2: Flickr accuracy must be 0..16"),
+    ("n01440764_1,n01440764,1,2,16\n", r"g.csv:2: expected the 6 fields"),
+])
+def test_geotags_format_names_file_and_line_of_bad_rows(body, error):
+    lines = (fmt.csv_line(fmt.GEOTAG_COLUMNS) + body).splitlines(keepends=True)
+    with pytest.raises(ValueError, match=error):
+        list(fmt.read_geotags(lines, "g.csv"))
+
+
+def test_missing_and_words_formats():
+    lines = ["image_id,wnid,code\n", "n01440764_3,n01440764,2\n"]
+    assert list(fmt.read_missing(lines, "m")) == [fmt.Missing("n01440764_3", "n01440764", 2)]
+    with pytest.raises(ValueError, match="m:2: code must be one of"):
+        list(fmt.read_missing(["image_id,wnid,code\n", "n01440764_3,n01440764,100\n"], "m"))
+    with pytest.raises(ValueError, match="header must be image_id,wnid,code"):
+        list(fmt.read_missing(["id,code\n"], "m"))
+    assert fmt.parse_words(["n01440764\ttench, Tinca tinca\n", "\n", "n02102040\tspringer\r\n"], "w") == {
+        "n01440764": "tench, Tinca tinca", "n02102040": "springer"}
+    with pytest.raises(ValueError, match="w:1: expected"):
+        fmt.parse_words(["tench\n"], "w")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A fake Flickr.
+
+
+class FakeFlickr:
+    """flickr.photos.geo.getLocation on 127.0.0.1, answering from a script.
+
+    `truth[photo_id]` is the final answer: ("located", lat, lon, accuracy, country) or ("none", code).
+    `faults[photo_id]` lists what the first requests for that photo get instead: "500", "badjson", "105" or
+    "slow" (the answer only after SLOW_S, past the client's timeout). `requests` records every photo id asked.
+    """
+
+    SLOW_S = 2.0
+
+    def __init__(self, truth, faults=None, api_key=GOOD_KEY):
+        self.truth, self.api_key = truth, api_key
+        self.faults = {photo: list(queue) for photo, queue in (faults or {}).items()}
+        self.requests = []
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                status, body = fake.answer(query["api_key"][0], query["photo_id"][0])
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out on a "slow" answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/services/rest/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, api_key, photo_id):
+        with self._lock:
+            self.requests.append(photo_id)
+            queue = self.faults.get(photo_id, [])
+            fault = queue.pop(0) if queue else None
+        if api_key != self.api_key:
+            return 200, _fail_body(100, "Invalid API Key (Key has invalid format)")
+        if fault == "500":
+            return 500, b"Internal Server Error"
+        if fault == "badjson":
+            return 200, b'{"stat": "ok", "photo": {'
+        if fault == "105":
+            return 200, _fail_body(105, "Service currently unavailable")
+        if fault == "slow":
+            time.sleep(self.SLOW_S)
+        kind, *rest = self.truth[photo_id]
+        if kind == "none":
+            return 200, _fail_body(rest[0], "Photo has no location information.")
+        lat, lon, accuracy, country = rest
+        return 200, _ok_body(lat, lon, accuracy, country)
+
+    def asked(self):
+        with self._lock:
+            return list(self.requests)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_world(n, seed_offset=0):
+    """URL lines for n Flickr photos (varied URL styles) plus non-Flickr and malformed lines, and Flickr's truth.
+
+    Every third photo has no geotag (alternating codes 1 and 2); the rest carry distinct coordinates.
+    Returns (lines, truth, image_of_photo).
+    """
+    styles = ("http://farm{f}.static.flickr.com/{s}/{p}_{sec}.jpg",
+              "https://live.staticflickr.com/{s}/{p}_{sec}_b.jpg",
+              "http://farm{f}.staticflickr.com/{s}/{p}_{sec}.jpg", "http://static.flickr.com/{s}/{p}_{sec}.jpg")
+    wnids = ("n01440764", "n02102040", "n03028079")
+    lines, truth, image_of_photo = [], {}, {}
+    for i in range(n):
+        photo = str(1000 + seed_offset + i)
+        image_id = f"{wnids[i % 3]}_{i + 1}"
+        lines.append(f"{image_id}\t{styles[i % 4].format(f=i % 9 + 1, s=100 + i, p=photo, sec='abc123')}\n")
+        if i % 3 == 2:
+            truth[photo] = ("none", 1 + (i // 3) % 2)
+        else:
+            truth[photo] = ("located", round(-60 + 1.37 * i, 6), round(-170 + 3.1 * i, 6), 1 + i % 16,
+                            "Korea, Republic of" if i % 5 == 0 else "France")
+        image_of_photo[photo] = image_id
+        if i % 7 == 0:
+            lines.append(f"{wnids[i % 3]}_{9000 + i}\thttp://www.example.com/img{i}.jpg\n")
+    lines.append("garbage line without a tab\n")
+    return lines, truth, image_of_photo
+
+
+def expected_files(truth, image_of_photo):
+    """The rows a complete run must produce, computed from the truth table (not by the tool's writer)."""
+    geotags, missing = {}, {}
+    for photo, answer in truth.items():
+        image_id = image_of_photo[photo]
+        wnid = image_id.split("_")[0]
+        if answer[0] == "none":
+            missing[image_id] = [image_id, wnid, str(answer[1])]
+        else:
+            _, lat, lon, accuracy, country = answer
+            geotags[image_id] = [image_id, wnid, lat, lon, accuracy, country]
+    return geotags, missing
+
+
+def read_csv(path):
+    """Header and rows of an output file, asserting it ends in a newline (no torn line)."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), f"{path} has a torn last line"
+    with open(path, newline="", encoding="utf-8") as f:
+        header, *rows = list(csv.reader(f))
+    return header, rows
+
+
+def assert_complete(out, truth, image_of_photo):
+    geotags, missing = expected_files(truth, image_of_photo)
+    header, rows = read_csv(out)
+    assert header == ["image_id", "wnid", "lat", "lon", "accuracy", "country"]
+    ids = [r[0] for r in rows]
+    assert sorted(ids) == sorted(geotags), "every geotagged image exactly once"
+    for image_id, wnid, lat, lon, accuracy, country in rows:
+        want = geotags[image_id]
+        assert [image_id, wnid, accuracy, country] == [want[0], want[1], str(want[4]), want[5]]
+        assert (float(lat), float(lon)) == (want[2], want[3])
+    header, rows = read_csv(out.parent / (out.name + ".missing"))
+    assert header == ["image_id", "wnid", "code"]
+    assert sorted(rows) == sorted(missing.values()), "every photo without a geotag exactly once"
+
+
+@pytest.fixture
+def world(tmp_path):
+    lines, truth, image_of_photo = make_world(24)
+    urls = tmp_path / "fall11_urls.txt"
+    urls.write_text("".join(lines))
+    servers = []
+
+    def serve(**kwargs):
+        servers.append(FakeFlickr(truth, **kwargs))
+        return servers[-1]
+
+    yield urls, tmp_path / "geotags.csv", truth, image_of_photo, serve
+    for server in servers:
+        server.close()
+
+
+def tool_args(urls, out, endpoint, key=GOOD_KEY, calls_per_hour=3_600_000):
+    return ["--urls", str(urls), "--out", str(out), "--api-key", key, "--endpoint", endpoint, "--workers", "4",
+            "--timeout", "0.5", "--backoff", "0.01", "--max-attempts", "4",
+            "--calls-per-hour", str(calls_per_hour)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs.
+
+
+def test_run_with_injected_faults_then_rerun_asks_nothing(world):
+    urls, out, truth, image_of_photo, serve = world
+    photos = sorted(truth)
+    faults = {photos[0]: ["500", "500"], photos[1]: ["badjson"], photos[2]: ["slow"], photos[3]: ["105"],
+              photos[5]: ["500", "slow"]}  # photos[5] has no geotag: the "no" still arrives after the faults
+    server = serve(faults=faults)
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 0
+    assert_complete(out, truth, image_of_photo)
+    asked = collections.Counter(server.asked())
+    for photo, fault_list in faults.items():
+        assert asked[photo] == len(fault_list) + 1, photo
+    assert set(asked) == set(truth)  # non-Flickr and malformed lines were never asked
+
+    before = (out.read_bytes(), (out.parent / "geotags.csv.missing").read_bytes())
+    second = serve()
+    assert geotag.main(tool_args(urls, out, second.endpoint)) == 0
+    assert second.asked() == []
+    assert (out.read_bytes(), (out.parent / "geotags.csv.missing").read_bytes()) == before
+
+
+def test_invalid_key_stops_with_a_message_and_corrupts_nothing(world, caplog):
+    urls, out, truth, image_of_photo, serve = world
+    server = serve()
+    half = urls.parent / "half.txt"
+    half.write_text("".join(urls.read_text().splitlines(keepends=True)[:10]))
+    assert geotag.main(tool_args(half, out, server.endpoint)) == 0
+    before = (out.read_bytes(), (out.parent / "geotags.csv.missing").read_bytes())
+    asked_before = len(server.asked())
+    left = len(truth) - len(geotag.read_answered(str(out)))
+
+    assert geotag.main(tool_args(urls, out, server.endpoint, key="bad-key")) == 1
+    assert "Flickr rejected the API key" in caplog.text
+    assert (out.read_bytes(), (out.parent / "geotags.csv.missing").read_bytes()) == before
+    # At most the 2 * workers requests already in flight go out after the first rejection.
+    assert len(server.asked()) - asked_before <= 8 < left
+
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 0
+    assert_complete(out, truth, image_of_photo)
+
+
+def test_photo_failing_every_retry_is_not_recorded_and_is_asked_next_run(world, caplog):
+    urls, out, truth, image_of_photo, serve = world
+    broken = sorted(truth)[4]
+    server = serve(faults={broken: ["500"] * 4})  # --max-attempts 4
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 3
+    assert "run the same command again" in caplog.text
+    assert image_of_photo[broken] not in out.read_text() + (out.parent / "geotags.csv.missing").read_text()
+
+    healed = serve()
+    assert geotag.main(tool_args(urls, out, healed.endpoint)) == 0
+    assert healed.asked() == [broken]
+    assert_complete(out, truth, image_of_photo)
+
+
+def test_torn_last_line_is_dropped_and_its_photo_asked_again(world, caplog):
+    urls, out, truth, image_of_photo, serve = world
+    lines = urls.read_text().splitlines(keepends=True)
+    first = urls.parent / "first.txt"
+    first.write_text("".join(lines[:6]))
+    server = serve()
+    assert geotag.main(tool_args(first, out, server.endpoint)) == 0
+    with open(out, "ab") as f:
+        f.write(b"n01440764_99,n01440764,12.5")  # what a kill in the middle of a write leaves
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 0
+    assert "dropped a torn last line" in caplog.text
+    assert_complete(out, truth, image_of_photo)
+
+
+def test_second_run_on_the_same_output_is_refused(world, caplog):
+    urls, out, _, _, serve = world
+    server = serve()
+    with geotag.exclusive_lock(str(out)):
+        assert geotag.main(tool_args(urls, out, server.endpoint)) == 1
+    assert "another geotag run" in caplog.text
+    assert server.asked() == []
+
+
+def test_bad_existing_output_is_refused(world, caplog):
+    urls, out, _, _, serve = world
+    out.write_text("label,path\n3,a.jpg\n")
+    assert geotag.main(tool_args(urls, out, serve().endpoint)) == 1
+    assert "header must be image_id,wnid,lat,lon,accuracy,country" in caplog.text
+
+
+def _rows_written(out):
+    """Image ids in the complete lines of both output files (a torn tail, if any, is not a row)."""
+    ids = set()
+    for path in (out, out.parent / (out.name + ".missing")):
+        if path.exists():
+            complete = path.read_bytes().rpartition(b"\n")[0].decode().splitlines()[1:]
+            ids.update(line.split(",")[0] for line in complete)
+    return ids
+
+
+def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path):
+    lines, truth, image_of_photo = make_world(40, seed_offset=500)
+    urls = tmp_path / "fall11_urls.txt"
+    urls.write_text("".join(lines))
+    out = tmp_path / "geotags.csv"
+    server = FakeFlickr(truth)
+    # 10 calls/s so the run lasts ~4 s and can be killed in the middle.
+    args = [sys.executable, "-m", "geo_contrast.geotag",
+            *tool_args(urls, out, server.endpoint, calls_per_hour=36000)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while len(_rows_written(out)) < 10 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+        written_before = _rows_written(out)
+        assert 10 <= len(written_before) < len(truth)
+        asked_before = len(server.asked())
+
+        resumed = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+        asked_after = server.asked()[asked_before:]
+        photo_of_image = {image: photo for photo, image in image_of_photo.items()}
+        asked_again = {photo_of_image[i] for i in written_before} & set(asked_after)
+        assert not asked_again, "an answered photo was asked again"
+        assert_complete(out, truth, image_of_photo)
+    finally:
+        server.close()
