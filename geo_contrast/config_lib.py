@@ -1,0 +1,88 @@
+"""Config plumbing shared by the files in `configs/`: argument parsing, variants, validation.
+
+Configs take their options in the path, big_vision style (`configs/fmow.py:variant=tp,sample`), so one file
+describes a whole family of runs and a command line names the run exactly. Validation lives here, apart from
+the trainer, so a bad value is refused before any data is read or any device is touched.
+"""
+
+import ml_collections
+
+# Which losses each variant turns on: (temporal positives, geo-location classification).
+VARIANTS = {
+    "moco": (False, False),
+    "tp": (True, False),
+    "geo": (False, True),
+    "geo_tp": (True, True),
+}
+
+
+def parse_arg(arg, **defaults):
+  """Parses `'a=1,b,c=x'` into a ConfigDict over `defaults`; a bare name sets a boolean to True.
+
+  Values are cast to the type of their default, so `sample` and `sample=True` mean the same and a misspelt
+  option is an error rather than a silently ignored string.
+  """
+  result = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, has_value, value = item.partition("=")
+    if name not in defaults:
+      raise ValueError(f"Unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}.")
+    default = defaults[name]
+    if isinstance(default, bool):
+      result[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
+    elif not has_value:
+      raise ValueError(f"Config argument {name!r} needs a value ({name}=...).")
+    else:
+      result[name] = type(default)(value) if default is not None else value
+  return ml_collections.ConfigDict(result)
+
+
+def uses_temporal_positives(variant):
+  return _variant(variant)[0]
+
+
+def uses_geo_loss(variant):
+  return _variant(variant)[1]
+
+
+def _variant(variant):
+  if variant not in VARIANTS:
+    raise ValueError(f"config.variant={variant!r} is not a variant; choose one of {sorted(VARIANTS)}.")
+  return VARIANTS[variant]
+
+
+def validate_pretrain(config, num_devices):
+  """Refuses impossible values before any compute, each with the field and the fix in the message."""
+  _variant(config.variant)
+  batch = config.input.global_batch
+  if batch <= 0 or batch % num_devices:
+    raise ValueError(
+        f"config.input.global_batch={batch} must be a positive multiple of the device count ({num_devices}); "
+        f"use e.g. {max(num_devices, batch - batch % num_devices)}.")
+  per_device = batch // num_devices
+  groups = config.moco.bn_groups
+  if groups <= 0 or per_device % groups:
+    raise ValueError(
+        f"config.moco.bn_groups={groups} must divide the per-device batch ({per_device} = global_batch "
+        f"{batch} / {num_devices} devices).")
+  if num_devices * groups < 2:
+    raise ValueError(
+        "Shuffle BN needs at least two BN groups in all: with one device set config.moco.bn_groups >= 2 "
+        "(a query and its key must never share BN statistics).")
+  queue = config.moco.queue_size
+  if queue <= 0 or queue % batch:
+    raise ValueError(
+        f"config.moco.queue_size={queue} must be a positive multiple of config.input.global_batch={batch} "
+        f"(whole batches are enqueued); use e.g. {max(batch, queue - queue % batch)}.")
+  if not config.moco.temperature > 0:
+    raise ValueError(f"config.moco.temperature={config.moco.temperature} must be > 0 (MoCo-v2: 0.2; "
+                     "the authors' commands: 0.02).")
+  if not 0 <= config.moco.momentum < 1:
+    raise ValueError(f"config.moco.momentum={config.moco.momentum} must be in [0, 1).")
+  if uses_geo_loss(config.variant) and config.geo.num_clusters < 2:
+    raise ValueError(f"config.geo.num_clusters={config.geo.num_clusters} must be >= 2.")
+  if config.optim.num_epochs <= 0 or config.optim.base_lr <= 0:
+    raise ValueError("config.optim.num_epochs and config.optim.base_lr must be > 0.")
+  if not 0 < config.input.crop_scale[0] <= config.input.crop_scale[1] <= 1:
+    raise ValueError(f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy "
+                     "0 < min <= max <= 1.")

@@ -1,0 +1,59 @@
+"""Where metrics go: `metrics.jsonl` (one object per logged step) and TensorBoard events, process 0 only."""
+
+import json
+import os
+import time
+
+import jax
+import tensorflow as tf
+
+
+class MetricWriter:
+
+  def __init__(self, workdir, *, prefix=""):
+    self._enabled = jax.process_index() == 0
+    self._prefix = prefix
+    if self._enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, f"{prefix}metrics.jsonl"), "a", buffering=1)
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", prefix.strip("_") or "train"))
+
+  def write(self, step, metrics):
+    if not self._enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    with self._tb.as_default(step=int(step)):
+      for name, value in metrics.items():
+        tf.summary.scalar(name, float(value))
+
+  def close(self):
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """A progress line: step, loss, pairs/s over the last interval, and the ETA."""
+
+  def __init__(self, total_steps, pairs_per_step, start_step):
+    self._total = total_steps
+    self._pairs = pairs_per_step
+    self._last = (start_step, time.monotonic())
+
+  def line(self, step, loss):
+    last_step, last_time = self._last
+    now = time.monotonic()
+    rate = (step - last_step) / max(now - last_time, 1e-9)
+    self._last = (step, now)
+    eta = (self._total - step) / rate if rate > 0 else float("inf")
+    return (f"step {step}/{self._total}  loss {loss:.4f}  {rate * self._pairs:.1f} pairs/s  "
+            f"ETA {_hms(eta)}")
+
+
+def _hms(seconds):
+  if seconds == float("inf"):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}"
