@@ -1,0 +1,252 @@
+"""Linear evaluation on a tiny built fMoW sample (ResNet-18 width 8, 32 px): extraction, frozen backbone,
+cached vs uncached training, val selection with a single test evaluation, checkpoints and results files."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh
+
+from configs import fmow
+from geo_contrast import augment
+from geo_contrast import checkpointing
+from geo_contrast import input_pipeline
+from geo_contrast import linear_eval
+from geo_contrast import metric_writer
+from geo_contrast import results
+from geo_contrast import sample_data
+from tfds_builders.fmow import fmow_dataset_builder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmow")
+    sample_data.generate(root / "raw", locations_per_split={"train": 12, "val": 6, "test": 4}, seed=0)
+    builder = fmow_dataset_builder.Builder(config="rgb_64", data_dir=str(root / "data"))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
+    return str(root / "data")
+
+
+def _config(data_dir, **linear_eval):
+    c = fmow.get_config("sample")
+    c.dataset.data_dir = data_dir
+    c.dataset.generate_sample = False
+    c.model.width = 8
+    c.moco.queue_size = 128
+    c.linear_eval.update(dict(init="random", global_batch=16, num_epochs=3, decay_epochs=(2,), base_lr=4.0,
+                              image_size=32, resize_size=32, cache_features=True))
+    c.linear_eval.update(linear_eval)
+    return c
+
+
+def _builder(config):
+    return input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
+
+
+def _mesh():
+    return Mesh(np.array(jax.local_devices()), ("batch",))
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_extracted_features_match_a_direct_forward_pass(data_dir, tmp_path):
+    config = _config(data_dir, global_batch=8)  # Val has more than 8 images: several batches, the last padded.
+    backbone = linear_eval.load_backbone(config, str(tmp_path))
+    data = linear_eval.extract_split(backbone.module, backbone.variables, _builder(config), "val", config.linear_eval,
+                                     _mesh())
+    images, labels, locations = [], [], []
+    for index, example in enumerate(_builder(config).as_dataset(split="val").as_numpy_iterator()):
+        for image in example["images"]:  # Decoded uint8 here; the stage decodes the JPEG bytes itself.
+            images.append(augment.eval_view(image, 32, 32).numpy())
+            labels.append(example["label"])
+            locations.append(index)
+    expected = backbone.module.apply(backbone.variables, np.stack(images), train=False)
+    assert len(labels) > 8 and len(labels) % 8
+    np.testing.assert_allclose(data.features, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(data.labels, labels)
+    np.testing.assert_array_equal(data.locations, locations)
+
+
+@pytest.fixture(scope="module")
+def two_probes(data_dir, tmp_path_factory):
+    """The cached and the uncached probe on the same random backbone, trained two epochs each.
+
+    With image_size == resize_size the training crop of a square image is the whole image, i.e. the eval view,
+    and with a batch holding the whole train split each epoch is one full-batch step, so the order of images
+    does not matter: the two paths must then train the same classifier.
+    """
+    config = _config(data_dir)
+    builder = _builder(config)
+    num_train = sum(len(ex["timestamps"]) for ex in builder.as_dataset(split="train").as_numpy_iterator())
+    lc = config.linear_eval
+    lc.global_batch = 8 * -(-num_train // 8)
+    lc.num_epochs = 2
+    mesh = _mesh()
+    backbone = linear_eval.load_backbone(config, str(tmp_path_factory.mktemp("probe")))
+    head = linear_eval.classifier_head(62)
+    val = linear_eval.extract_split(backbone.module, backbone.variables, builder, "val", lc, mesh)
+    train = linear_eval.extract_split(backbone.module, backbone.variables, builder, "train", lc, mesh)
+    names = builder.info.features["label"].names
+    writer = metric_writer.MetricWriter(str(tmp_path_factory.mktemp("metrics")))
+
+    def run(cached):
+        state = linear_eval.init_probe_state(backbone.variables, head, backbone.module.feature_dim, seed=0,
+                                             momentum=lc.momentum, weight_decay=lc.weight_decay)
+        if cached:
+            batches = lambda e: linear_eval.feature_batches(train.features, train.labels, lc.global_batch, seed=0,
+                                                            epoch=e)
+        else:
+            batches = lambda e: linear_eval.augmented_batches(builder, "train", lc, seed=0, epoch=e,
+                                                              shuffle_buffer=64)
+        final, _ = linear_eval.train_classifier(
+            state, batches, val, names, lc=lc, head=head, backbone=None if cached else backbone.module, mesh=mesh,
+            writer=writer, name="test")
+        return state, jax.device_get(final)
+
+    try:
+        return backbone.variables, run(cached=True), run(cached=False)
+    finally:
+        writer.close()
+
+
+def test_uncached_probe_leaves_the_backbone_unchanged(two_probes):
+    original, _, (initial, final) = two_probes
+    assert _leaves_equal(final.backbone, original)
+    assert not _leaves_equal(final.head, initial.head)  # It did train.
+
+
+def test_cached_and_uncached_paths_train_the_same_classifier(two_probes):
+    _, (_, cached), (_, uncached) = two_probes
+    for a, b in zip(jax.tree.leaves(cached.head), jax.tree.leaves(uncached.head), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_selects_on_val_and_evaluates_test_once(data_dir, tmp_path, monkeypatch):
+    config = _config(data_dir, num_epochs=4)
+    scripted_val_top1 = iter([0.3, 0.7, 0.5, 0.6])  # Best after epoch 2, not the last.
+    calls = []
+    real = linear_eval.evaluate_split
+
+    def spy(head, params, split, class_names):
+        report = real(head, params, split, class_names)
+        if split.name == "val":
+            report["top1"] = next(scripted_val_top1)
+        calls.append((split, jax.tree.map(np.copy, params), report))
+        return report
+
+    monkeypatch.setattr(linear_eval, "evaluate_split", spy)
+    entry = linear_eval.evaluate(config, str(tmp_path))
+
+    val_calls = [c for c in calls if c[0].name == "val"]
+    test_calls = [c for c in calls if c[0].name == "test"]
+    assert len(val_calls) == 4 and len(test_calls) == 1
+    assert entry["selected_epoch"] == 2
+    assert entry["splits"]["val"]["top1"] == 0.7
+    test, params, _ = test_calls[0]
+    assert _leaves_equal(params, val_calls[1][1])
+    assert not _leaves_equal(params, val_calls[3][1])
+    # Test metrics recomputed with numpy from the selected classifier and the test features.
+    logits = test.features.astype(np.float64) @ params["kernel"] + params["bias"]
+    assert entry["splits"]["test"]["top1"] == pytest.approx(np.mean(logits.argmax(1) == test.labels))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    location_ids = np.unique(test.locations)
+    votes = np.stack([probs[test.locations == i].sum(0) for i in location_ids])
+    location_labels = np.array([test.labels[test.locations == i][0] for i in location_ids])
+    assert entry["splits"]["test"]["location_top1"] == pytest.approx(np.mean(votes.argmax(1) == location_labels))
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["linear_eval"]["random"]["selected_epoch"] == 2
+
+
+@pytest.fixture(scope="module")
+def pretrained_workdir(data_dir, tmp_path_factory):
+    """A workdir whose checkpoints/7 holds a pretraining state of another seed (so it differs from random)."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    config = _config(data_dir)
+    config.seed = 1
+    state = linear_eval._pretraining_state(config).replace(step=np.int32(7))
+    mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"), keep=2)
+    checkpointing.save(mngr, 7, state, {"config": json.loads(config.to_json()), "total_steps": 10,
+                                        "variant": config.variant})
+    checkpointing.wait(mngr)
+    return str(workdir), state
+
+
+def test_checkpoint_paths_resolve_to_the_same_step(pretrained_workdir):
+    workdir, _ = pretrained_workdir
+    directory = os.path.join(workdir, "checkpoints")
+    assert linear_eval.find_checkpoint("pretrained", workdir) == (directory, 7)
+    assert linear_eval.find_checkpoint(directory, "/nonexistent") == (directory, 7)
+    assert linear_eval.find_checkpoint(os.path.join(directory, "7"), "/nonexistent") == (directory, 7)
+
+
+def test_pretrained_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Run the pretrain stage.*init=random"):
+        linear_eval.find_checkpoint("pretrained", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not 'pretrained', 'random'"):
+        linear_eval.find_checkpoint(str(tmp_path / "missing"), str(tmp_path))
+
+
+def test_results_keep_both_inits_and_the_margin(data_dir, pretrained_workdir):
+    workdir, saved = pretrained_workdir
+    config = _config(data_dir, init="pretrained", num_epochs=2)
+    backbone = linear_eval.load_backbone(config, workdir)
+    assert _leaves_equal(backbone.variables["params"], saved.params["encoder"]["backbone"])
+    linear_eval.evaluate(config, workdir)
+    linear_eval.evaluate(_config(data_dir, init="random", num_epochs=2, cache_features=False), workdir)
+
+    with open(os.path.join(workdir, "results.json")) as f:
+        entries = json.load(f)["linear_eval"]
+    assert set(entries) == {"pretrained", "random"}
+    pretrained, random = entries["pretrained"], entries["random"]
+    assert (pretrained["pretrain_step"], pretrained["pretrain_total_steps"]) == (7, 10)
+    assert pretrained["variant"] == config.variant and random["pretrain_step"] is None
+    assert set(pretrained["splits"]) == set(random["splits"]) == {"val", "test"}
+    with open(os.path.join(workdir, "results.md")) as f:
+        markdown = f.read()
+    rows = [line.split("|")[1:-1] for line in markdown.splitlines() if line.startswith("| ")]
+    rows = {(cells[0].strip(), cells[5].strip()): cells for cells in rows}
+    columns = ("top1", "top5", "macro_f1", "location_top1", "location_macro_f1")
+    for split in ("val", "test"):
+        mine, floor = pretrained["splits"][split], random["splits"][split]
+        for i, name in enumerate(columns, start=6):
+            assert float(rows["pretrained", split][i]) == pytest.approx(100 * mine[name], abs=0.005)
+            assert float(rows["random", split][i]) == pytest.approx(100 * floor[name], abs=0.005)
+            assert float(rows["pretrained - random", split][i]) == pytest.approx(100 * (mine[name] - floor[name]),
+                                                                                 abs=0.005)
+    assert os.path.exists(os.path.join(workdir, "linear_eval_pretrained_metrics.jsonl"))
+    assert os.path.exists(os.path.join(workdir, "linear_eval_random_metrics.jsonl"))
+
+
+def test_margin_rows_on_hand_made_entries():
+    def entry(top1, step):
+        metrics = {"top1": top1, "top5": 0.9, "macro_f1": 0.5, "location_top1": top1, "location_macro_f1": 0.5}
+        return {"variant": "geo_tp" if step else None, "pretrain_step": step, "pretrain_total_steps": step,
+                "backbone": "ResNet-50", "selected_epoch": 3, "num_epochs": 4, "splits": {"val": metrics}}
+
+    markdown = results.render_markdown({"random": entry(0.25, None), "pretrained": entry(0.6, 100)})
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| pretrained | geo_tp | 100/100 | ResNet-50 | 3/4 | val | 60.00 | 90.00 | 50.00 |")
+    assert rows[1].startswith("| random | - | - |")
+    assert rows[2] == "| pretrained - random |  |  |  |  | val | +35.00 | +0.00 | +0.00 | +35.00 | +0.00 |"
+
+
+def test_step_and_cosine_learning_rates():
+    step = [linear_eval.epoch_learning_rate(e, peak=30.0, num_epochs=100, schedule="step", decay_epochs=(60, 80))
+            for e in (0, 59, 60, 79, 80, 99)]
+    np.testing.assert_allclose(step, [30, 30, 3, 3, 0.3, 0.3])
+    cosine = [linear_eval.epoch_learning_rate(e, peak=2.0, num_epochs=10, schedule="cosine", decay_epochs=())
+              for e in (0, 5, 9)]
+    np.testing.assert_allclose(cosine, [2.0, 1.0, 1.0 + np.cos(np.pi * 0.9)])
+
+
+def test_pad_batch_masks_the_padding():
+    padded = linear_eval.pad_batch({"x": np.ones((3, 2)), "label": np.array([4, 5, 6])}, 5)
+    np.testing.assert_array_equal(padded["x"], [[1, 1]] * 3 + [[0, 0]] * 2)
+    np.testing.assert_array_equal(padded["label"], [4, 5, 6, 0, 0])
+    np.testing.assert_array_equal(padded["weight"], [1, 1, 1, 0, 0])
