@@ -5,13 +5,18 @@ Design (why it looks like this):
   paper: each location expands into one element per image (the query), paired with a key image chosen by
   `sample_key_index`. Images stay encoded until the pair is chosen, so only the two JPEGs a pair uses are
   ever decoded, and RandomResizedCrop decodes only its window (`augment.decode_random_resized_crop`).
-- Everything random is a pure function of (seed, process, epoch, position): the per-epoch shuffles are
-  seeded with the epoch, the key choice with the location's index in the epoch, the augmentations with the
-  element's index in the host's stream. A run restarted at step s rebuilds the same stream and skips to
-  element s * local_batch of it (at most one epoch is re-read, never decoded), so a resumed run sees the
-  batches an uninterrupted run would have seen.
-- Each host reads its own part of the split (`tfds.split_for_jax_process`) and emits
-  [local_devices, per_device, ...] batches for pmap.
+- One global stream, whatever the number of processes. Every process builds the same stream of *encoded*
+  pairs over the whole split and cuts it into global batches; row r of a global batch goes to global device
+  r // per_device_batch, and pmap numbers devices process by process, so each process keeps only the rows of
+  its own devices (a contiguous block, `HostSlice`) and decodes and augments only those. The global batches,
+  and therefore the losses, are the same on 1 process x 4 devices as on 2 processes x 2 devices. Reading
+  every record on every host costs I/O of the encoded split per host and epoch (a few GB for fMoW-rgb);
+  decoding, the expensive part, is divided among the hosts.
+- Everything random is a pure function of (seed, epoch, position): the per-epoch shuffles are seeded with the
+  epoch, the key choice with the location's index in the epoch, the augmentations with the element's index in
+  the global stream. A run restarted at step s rebuilds the same stream and skips to element
+  s * global_batch of it (at most one epoch is re-read, never decoded), so a resumed run sees the batches an
+  uninterrupted run would have seen.
 """
 
 import dataclasses
@@ -34,6 +39,10 @@ def hide_accelerators_from_tf():
   tf.config.set_visible_devices([], "TPU")
 
 
+class DatasetNotFoundError(FileNotFoundError):
+  """The configured dataset is not built where the config points; the message says how to build it."""
+
+
 def load_builder(name, data_dir):
   """The prepared TFDS builder `name`, or an error that says the exact command that prepares it."""
   builder = tfds.builder(name, data_dir=data_dir)
@@ -41,10 +50,12 @@ def load_builder(name, data_dir):
     dataset, _, config = name.partition("/")
     where = f" --data_dir={data_dir}" if data_dir else ""
     cfg = f" --config={config}" if config else ""
-    raise FileNotFoundError(
-        f"The dataset {name!r} is not built in {builder.data_dir!r}. Build it first:\n"
+    raise DatasetNotFoundError(
+        f"The dataset {name!r} (config.dataset.name) is not built in {builder.data_dir!r} "
+        f"(config.dataset.data_dir). Build it first:\n"
         f"  tfds build tfds_builders/{dataset} --manual_dir=PATH_TO_RELEASE{cfg}{where}\n"
-        f"(see tfds_builders/{dataset}/README.md for the download).")
+        f"(see tfds_builders/{dataset}/README.md for the download), or point --config.dataset.data_dir at "
+        "the directory that holds it.")
   return builder
 
 
@@ -53,6 +64,11 @@ class LocationIndex:
   """Per-location facts read once from a split: where each location is and how many images it has."""
   coordinates: np.ndarray  # [L, 2] float32, (lat, lon) degrees.
   num_images: np.ndarray  # [L] int64.
+
+  @property
+  def num_distinct_locations(self):
+    """Distinct places: the most geo clusters k-means can form from this split."""
+    return len(np.unique(self.coordinates, axis=0))
 
   @property
   def image_coordinates(self):
@@ -108,32 +124,51 @@ def _pairs_of_epoch(locations, epoch, *, seed, temporal, shuffle_buffer):
           .shuffle(shuffle_buffer, seed=epoch_seed + 1))
 
 
-def pretrain_dataset(builder, split, *, temporal, image_size, crop_scale, local_devices, per_device_batch,
-                     seed, start_step, local_images_per_epoch, shuffle_buffer):
-  """Infinite batches {"query","key": [devices, per_device, S, S, 3] float32, "coordinates"} for this host.
+@dataclasses.dataclass(frozen=True)
+class HostSlice:
+  """This process's block of every global batch: the rows of its `local_devices` devices.
 
-  Starts at global step `start_step`: the host's stream position start_step * local_batch is reached by
-  starting at the right epoch and skipping (not decoding) the rest.
+  pmap orders the global devices process by process (process 0's local devices first), so process p owns the
+  contiguous rows [p * rows, (p + 1) * rows) of each global batch, rows = global_batch / process_count.
   """
-  local_batch = local_devices * per_device_batch
-  position = start_step * local_batch
-  first_epoch, skip = divmod(position, local_images_per_epoch)
+  process_index: int
+  process_count: int
+  local_devices: int
+
+  @classmethod
+  def of_this_process(cls):
+    return cls(jax.process_index(), jax.process_count(), jax.local_device_count())
+
+
+def pretrain_dataset(builder, split, *, temporal, image_size, crop_scale, global_batch, host, seed, start_step,
+                     images_per_epoch, shuffle_buffer):
+  """Infinite batches {"query","key": [local devices, per_device, S, S, 3] float32, "coordinates"} of `host`'s
+  rows of the global batches (see the module docstring), starting at global step `start_step`.
+
+  `images_per_epoch` is the split's image count (`read_location_index(...).num_images.sum()`): the stream
+  position start_step * global_batch is reached by starting at the right epoch and skipping (not decoding)
+  the rest of it.
+  """
+  rows = global_batch // host.process_count
+  per_device = rows // host.local_devices
+  if per_device * host.local_devices * host.process_count != global_batch:
+    raise ValueError(f"global_batch={global_batch} does not split evenly over {host.process_count} processes "
+                     f"x {host.local_devices} devices.")
+  position = start_step * global_batch
+  first_epoch, skip = divmod(position, images_per_epoch)
   locations = builder.as_dataset(
-      split=tfds.split_for_jax_process(split), shuffle_files=False,
-      decoders={"images": tfds.decode.SkipDecoding()},
+      split=split, shuffle_files=False, decoders={"images": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None))
   locations = locations.map(lambda ex: {"images": ex["images"], "coordinates": ex["coordinates"]})
-  process_seed = seed * 1_009 + jax.process_index()
 
   stream = tf.data.Dataset.range(first_epoch, _MAX_INT).flat_map(
-      lambda e: _pairs_of_epoch(locations, e, seed=process_seed, temporal=temporal,
-                                shuffle_buffer=shuffle_buffer))
-  stream = stream.skip(skip).enumerate(start=position)
+      lambda e: _pairs_of_epoch(locations, e, seed=seed, temporal=temporal, shuffle_buffer=shuffle_buffer))
+  stream = stream.skip(skip).enumerate(start=position)  # (index in the global stream, encoded pair).
+  stream = stream.filter(lambda index, ex: (index % global_batch) // rows == host.process_index)
 
   def views(index, ex):
-    element_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), index)
     seeds = tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(element_seed, jax.process_index()), 2)
+        tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), index), 2)
     return {
         "query": augment.moco_v2_view(ex["query"], seeds[0], image_size, scale=crop_scale),
         "key": augment.moco_v2_view(ex["key"], seeds[1], image_size, scale=crop_scale),
@@ -145,9 +180,9 @@ def pretrain_dataset(builder, split, *, temporal, image_size, crop_scale, local_
   options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
   options.autotune.ram_budget = 4 * 1024**3
   stream = stream.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  stream = stream.batch(local_batch, drop_remainder=True)
+  stream = stream.batch(rows, drop_remainder=True)
   stream = stream.map(lambda b: jax.tree.map(
-      lambda x: tf.reshape(x, [local_devices, per_device_batch] + x.shape[1:].as_list()), b))
+      lambda x: tf.reshape(x, [host.local_devices, per_device] + x.shape[1:].as_list()), b))
   return stream.with_options(options).prefetch(2)
 
 

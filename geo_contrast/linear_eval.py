@@ -56,13 +56,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from geo_contrast import augment
 from geo_contrast import checkpointing
-from geo_contrast import config_lib
 from geo_contrast import eval_metrics
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
 from geo_contrast import pretrain
 from geo_contrast import results
-from geo_contrast.models import moco
 from geo_contrast.models import resnet
 
 SCHEDULES = ("step", "cosine")
@@ -91,7 +89,7 @@ def load_backbone(config, workdir):
         source = {"checkpoint": None, "pretrain_step": None, "pretrain_total_steps": None, "variant": None}
     else:
         directory, step = find_checkpoint(init, workdir)
-        reader = _checkpoint_reader(directory)
+        reader = checkpointing.reader(directory)
         meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if "config" not in meta:
             raise ValueError(f"Checkpoint {directory}/{step} has no pretraining config in its metadata; it was "
@@ -112,7 +110,7 @@ def find_checkpoint(init, workdir):
     """(checkpoints directory, step) of init "pretrained" or a path; a clear error when there is none."""
     if init == "pretrained":
         directory = os.path.join(workdir, pretrain.CHECKPOINT_DIR)
-        step = _checkpoint_reader(directory).latest_step()
+        step = checkpointing.reader(directory).latest_step()
         if step is None:
             raise FileNotFoundError(
                 f"config.linear_eval.init='pretrained' but {directory} holds no pretraining checkpoint. Run the "
@@ -124,30 +122,18 @@ def find_checkpoint(init, workdir):
         raise FileNotFoundError(f"config.linear_eval.init={init!r} is not 'pretrained', 'random' or an existing "
                                 "checkpoint directory.")
     parent, name = os.path.split(path)
-    if name.isdigit() and int(name) in _checkpoint_reader(parent).all_steps():
+    if name.isdigit() and int(name) in checkpointing.reader(parent).all_steps():
         return parent, int(name)
-    step = _checkpoint_reader(path).latest_step()
+    step = checkpointing.reader(path).latest_step()
     if step is None:
         raise FileNotFoundError(f"config.linear_eval.init={init!r}: {path} is neither a checkpoint step "
                                 "directory nor a directory of checkpoints.")
     return path, step
 
 
-def _checkpoint_reader(directory):
-    """A CheckpointManager that never writes, so read-only (e.g. shared) checkpoint directories work."""
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-
-
 def _pretraining_state(config):
-    """Pretraining's initial TrainState for `config`, on the host: the restore template, and init "random".
-
-    Built exactly as pretrain.pretrain builds it (same modules, optimizer and seed), so a checkpoint restores
-    into it and "random" is the query encoder pretraining starts from.
-    """
-    encoder = pretrain.build_encoder(config.model)
-    geo_head = moco.GeoHead(config.geo.num_clusters) if config_lib.uses_geo_loss(config.variant) else None
-    tx = pretrain.optimizer(config, pretrain.learning_rate_schedule(config, 1))
-    return jax.device_get(pretrain.init_state(config, encoder, geo_head, tx, config.input.image_size, config.seed))
+    """Pretraining's initial TrainState for `config`, on the host: the restore template, and init "random"."""
+    return pretrain.initial_state(config)
 
 
 def backbone_features(module, variables, images):

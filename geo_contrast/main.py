@@ -1,28 +1,59 @@
-r"""Entry point: parses flags and runs the stages the config names. Nothing else.
+r"""Entry point: parses flags, joins a multi-process run if asked, and runs the stages the config names.
 
     python -m geo_contrast.main --config=configs/fmow.py[:ARGS] --workdir=DIR [--config.FIELD=VALUE ...]
+
+Several hosts (every process runs the same command; see distributed.py):
+
+    ... --distributed                                     # Cloud TPU pod, SLURM, Open MPI, Kubernetes
+    ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I      # any other cluster
+
+A problem the user can fix (a bad config value, a dataset that is not built, an unusable workdir, a failed
+checkpoint write, a diverged loss) ends the run with its message and exit status 1, without a traceback. SIGTERM
+stops pretraining with a checkpoint and exit status 0; the same command resumes it (pretrain.py).
 """
+
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from geo_contrast import checkpointing
+from geo_contrast import config_lib
+from geo_contrast import distributed
 from geo_contrast import input_pipeline
+from geo_contrast import pretrain
 from geo_contrast import stages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fmow.py:variant=tp.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, clusters and results go.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, clusters and results go. With several hosts: "
+                    "a directory all of them see.")
+flags.DEFINE_bool("distributed", False, "Join a multi-process run with jax.distributed.initialize(), which "
+                  "detects Cloud TPU pods, SLURM, Open MPI and Kubernetes by itself.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, the same on every process "
+                    "(implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the run (implies --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (implies --distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_USER_ERRORS = (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, stages.WorkdirError,
+                checkpointing.CheckpointError, distributed.DistributedInitError, pretrain.NonFiniteLossError)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    input_pipeline.hide_accelerators_from_tf()
     logging.set_verbosity(logging.INFO)
-    stages.run(FLAGS.config, FLAGS.workdir)
+    try:
+        distributed.initialize(auto=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+        input_pipeline.hide_accelerators_from_tf()
+        stages.run(FLAGS.config, FLAGS.workdir)
+    except _USER_ERRORS as e:
+        sys.stderr.write(f"\nerror: {e}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,21 @@ import tensorflow as tf
 
 
 class MetricWriter:
+  """Appends to `{prefix}metrics.jsonl`; with `resume_step`, first drops the rows of later steps.
 
-  def __init__(self, workdir, *, prefix=""):
+  A run killed after its last checkpoint has logged steps that the resumed run computes again; dropping them
+  at start-up keeps one row per step, the one of the run that continued.
+  """
+
+  def __init__(self, workdir, *, prefix="", resume_step=None):
     self._enabled = jax.process_index() == 0
     self._prefix = prefix
     if self._enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, f"{prefix}metrics.jsonl"), "a", buffering=1)
+      path = os.path.join(workdir, f"{prefix}metrics.jsonl")
+      if resume_step is not None:
+        _drop_rows_after(path, resume_step)
+      self._jsonl = open(path, "a", buffering=1)
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", prefix.strip("_") or "train"))
 
   def write(self, step, metrics):
@@ -31,6 +39,30 @@ class MetricWriter:
     if self._enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_rows_after(path, step):
+  """Rewrites the JSON-lines file `path` without its rows of steps > `step`, and without a last line torn by a
+  kill mid-write (atomically; no file: no-op)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.endswith("\n") and _row_step(line) <= step]
+  if len(kept) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def _row_step(line):
+  """The row's step; a line torn by a kill counts as later than every step, so it is dropped."""
+  try:
+    return json.loads(line)["step"]
+  except json.JSONDecodeError:
+    return float("inf")
 
 
 class Progress:

@@ -4,20 +4,38 @@ Reads a built fMoW(-format) TFDS dataset, fits (or reloads) the geo clusters, an
 under `jax.pmap` until `config.optim.num_epochs` epochs of images are done. Everything the run needs to
 resume exactly (state, queue, RNG, data position = step) is in the checkpoint; the clusters are in
 `WORKDIR/geo_clusters.npz`.
+
+Several processes (distributed.py): pmap spans every device of every process, so the step's collectives
+(gradient mean, shuffle BN, the enqueued keys) are global and the state stays identical on every process. Each
+process feeds its local devices its own block of every global batch (input_pipeline.HostSlice), and the global
+batches do not depend on the process count. Process 0 alone writes the metrics and the clusters; every process
+takes part in each checkpoint save and restore.
+
+Faults:
+- Killed at any point (SIGKILL, a crash), the run restarts with the same command from its latest finished
+  checkpoint, rebuilds the data stream at that step and, from there, repeats the losses of a run that was never
+  interrupted. The metric rows the killed run wrote after that checkpoint are dropped at start-up.
+- SIGTERM/SIGINT (preemption.StopRequest): the step carries each process's stop vote and sums it over all
+  devices, so every process learns of a request from any of them at the same step; the loop then checkpoints
+  and returns, and the process exits 0. The vote is read one step late (so reading it never stalls the device
+  queue): the checkpoint is of the step after the one during which the signal arrived.
+- A non-finite loss stops the run with the last checkpoint before it intact.
 """
 
+import dataclasses
 import functools
 import json
 import os
-import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow_datasets as tfds
 from absl import logging
 from flax import jax_utils
+from jax import lax
+from jax.experimental import multihost_utils
 
 from geo_contrast import checkpointing
 from geo_contrast import config_lib
@@ -64,8 +82,25 @@ def optimizer(config, lr_fn):
                        optax.sgd(lr_fn, momentum=config.optim.momentum))
 
 
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The modules and the optimizer of a config's pretraining."""
+    encoder: moco.Encoder
+    geo_head: Any  # moco.GeoHead for the geo variants, else None.
+    lr_fn: optax.Schedule
+    tx: optax.GradientTransformation
+
+
+def build_model(config, total_steps, dtype=jnp.float32):
+    """Encoder, geo head, lr schedule and optimizer for `config`; `total_steps` only shapes the schedule."""
+    geo_head = moco.GeoHead(config.geo.num_clusters, dtype=dtype) if config_lib.uses_geo_loss(config.variant) \
+        else None
+    lr_fn = learning_rate_schedule(config, total_steps)
+    return Model(build_encoder(config.model, dtype), geo_head, lr_fn, optimizer(config, lr_fn))
+
+
 def init_state(config, encoder, geo_head, tx, image_size, seed):
-    """A fresh TrainState on the host: key encoder = query encoder, queue = random unit vectors."""
+    """A fresh TrainState: key encoder = query encoder, queue = random unit vectors."""
     init_key, queue_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = encoder.init(init_key, dummy, train=False)
@@ -80,111 +115,156 @@ def init_state(config, encoder, geo_head, tx, image_size, seed):
         queue=queue, queue_ptr=jnp.zeros((), jnp.int32), rng=step_key)
 
 
+def _init_fn(config, model):
+    return functools.partial(init_state, config, model.encoder, model.geo_head, model.tx, config.input.image_size,
+                             config.seed)
+
+
+def initial_state(config, model=None):
+    """Pretraining's first TrainState for `config` (its seed and image size), as host numpy arrays.
+
+    The one definition of it: pretraining starts from it, and linear evaluation restores checkpoints into its
+    shape and uses it as the "random" baseline. `model` defaults to `build_model(config, 1)`; the state does not
+    depend on the schedule or the compute dtype. Compiled as one program, unoptimised on CPU: it is a long chain
+    of random-number kernels, run once in milliseconds, which XLA's CPU optimiser takes ~10x longer to compile
+    (about 20 s against 2 s for a ResNet-18 on two cores).
+    """
+    model = model or build_model(config, total_steps=1)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.device_get(jax.jit(_init_fn(config, model)).lower().compile(compiler_options=options)())
+
+
 def fit_or_load_clusters(config, workdir, train_index):
-    """K-means centroids of the training images' coordinates, fitted once per run and then reloaded."""
+    """K-means centroids of the training images' coordinates, fitted once per run and then reloaded.
+
+    Process 0 fits and writes them; every process then reads the file (after a barrier when there are several),
+    so all label pairs with exactly the same float64 centroids.
+    """
     path = os.path.join(workdir, CLUSTERS_FILE)
-    if os.path.exists(path):
-        with np.load(path) as f:
-            centroids = f["centroids"]
-        if len(centroids) != config.geo.num_clusters:
-            raise ValueError(f"{path} holds {len(centroids)} clusters but config.geo.num_clusters="
-                             f"{config.geo.num_clusters}; use a new --workdir or the same value.")
-        return centroids
-    centroids = geo_clusters.fit(train_index.image_coordinates, config.geo.num_clusters, seed=config.seed)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not os.path.exists(path):
+        centroids = geo_clusters.fit(train_index.image_coordinates, config.geo.num_clusters, seed=config.seed)
         tmp = path + ".tmp.npz"
         np.savez(tmp, centroids=centroids, centroids_latlon=geo_clusters.centroids_latlon(centroids))
         os.replace(tmp, path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("geo clusters written")
+    with np.load(path) as f:
+        centroids = f["centroids"]
+    if len(centroids) != config.geo.num_clusters:
+        raise config_lib.ConfigError(
+            f"{path} holds {len(centroids)} clusters but config.geo.num_clusters={config.geo.num_clusters}; use "
+            "a new --workdir or the same value.")
     return centroids
 
 
-def pretrain(config, workdir):
-    """Runs (or resumes) pretraining; returns the final step."""
-    num_devices = jax.device_count()
-    config_lib.validate_pretrain(config, num_devices)
-    use_geo = config_lib.uses_geo_loss(config.variant)
-    temporal = config_lib.uses_temporal_positives(config.variant)
-    mngr = checkpointing.manager(os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints)
+def step_config(config):
+    return ts.StepConfig(temperature=config.moco.temperature, momentum=config.moco.momentum,
+                         bn_groups=config.moco.bn_groups, infonce_weight=config.moco.infonce_weight,
+                         geo_weight=config.geo.loss_weight if config_lib.uses_geo_loss(config.variant) else 0.0)
 
+
+def voting_step(state, batch, stop_vote, *, model, cfg):
+    """`train_step` plus the number of devices whose process asked to stop (the same on every device)."""
+    state, metrics = ts.train_step(state, batch, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
+                                   lr_fn=model.lr_fn, cfg=cfg)
+    return state, metrics, lax.psum(stop_vote, ts.AXIS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    step: int  # The last step done (and checkpointed).
+    total_steps: int
+    stopped_by: str | None  # Why the run stopped before total_steps (a signal), or None.
+
+
+def pretrain(config, workdir):
+    """Runs (or resumes) pretraining; returns its Outcome."""
+    stop = preemption.StopRequest()  # First of all: a SIGTERM during start-up stops the run after two steps.
+    try:
+        return _pretrain(config, workdir, stop)
+    finally:
+        stop.restore()
+
+
+def _pretrain(config, workdir, stop):
+    # Checks: the config, the data, the workdir; all before any model exists.
+    config_lib.validate_pretrain(config, jax.device_count())
     builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
     train_index = input_pipeline.read_location_index(builder, config.dataset.train_split)
-    local_index = input_pipeline.read_location_index(
-        builder, tfds.split_for_jax_process(config.dataset.train_split))
     total_images = int(train_index.num_images.sum())
+    config_lib.validate_against_data(config, num_images=total_images,
+                                     num_distinct_locations=train_index.num_distinct_locations)
+    mngr = checkpointing.manager(os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints)
     global_batch = config.input.global_batch
     steps_per_epoch = total_images // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"The train split has {total_images} images, fewer than one global batch "
-                         f"(config.input.global_batch={global_batch}).")
     total_steps = steps_per_epoch * config.optim.num_epochs
+    use_geo = config_lib.uses_geo_loss(config.variant)
     centroids = fit_or_load_clusters(config, workdir, train_index) if use_geo else None
 
-    dtype = compute_dtype(config.model.compute_dtype)
-    encoder = build_encoder(config.model, dtype)
-    geo_head = moco.GeoHead(config.geo.num_clusters, dtype=dtype) if use_geo else None
-    lr_fn = learning_rate_schedule(config, total_steps)
-    tx = optimizer(config, lr_fn)
-    state = init_state(config, encoder, geo_head, tx, config.input.image_size, config.seed)
-    state = jax.device_get(state)
-    start_step = 0
-    if mngr.latest_step() is not None:
-        state, meta = checkpointing.restore(mngr, mngr.latest_step(), state)
-        start_step = int(state.step)
+    # State: the latest checkpoint's, or the initial one.
+    model = build_model(config, total_steps, compute_dtype(config.model.compute_dtype))
+    start_step = mngr.latest_step()
+    if start_step is None:
+        start_step, state = 0, initial_state(config, model)
+    else:
+        state, _ = checkpointing.restore(mngr, start_step, jax.eval_shape(_init_fn(config, model)))
         logging.info("Resumed from %s at step %d.", mngr.directory, start_step)
+    p_step = jax.pmap(functools.partial(voting_step, model=model, cfg=step_config(config)), axis_name=ts.AXIS,
+                      donate_argnums=(0,))
 
-    step_cfg = ts.StepConfig(temperature=config.moco.temperature, momentum=config.moco.momentum,
-                             bn_groups=config.moco.bn_groups, infonce_weight=config.moco.infonce_weight,
-                             geo_weight=config.geo.loss_weight if use_geo else 0.0)
-    p_step = jax.pmap(functools.partial(ts.train_step, encoder=encoder, geo_head=geo_head, tx=tx, lr_fn=lr_fn,
-                                        cfg=step_cfg), axis_name=ts.AXIS, donate_argnums=(0,))
-
-    local_devices = jax.local_device_count()
-    per_device = global_batch // num_devices
+    # Data: this process's block of every global batch, from the start step on.
+    host = input_pipeline.HostSlice.of_this_process()
     data = input_pipeline.pretrain_dataset(
-        builder, config.dataset.train_split, temporal=temporal, image_size=config.input.image_size,
-        crop_scale=tuple(config.input.crop_scale), local_devices=local_devices, per_device_batch=per_device,
-        seed=config.seed, start_step=start_step,
-        local_images_per_epoch=int(local_index.num_images.sum()), shuffle_buffer=config.input.shuffle_buffer)
+        builder, config.dataset.train_split, temporal=config_lib.uses_temporal_positives(config.variant),
+        image_size=config.input.image_size, crop_scale=tuple(config.input.crop_scale), global_batch=global_batch,
+        host=host, seed=config.seed, start_step=start_step, images_per_epoch=total_images,
+        shuffle_buffer=config.input.shuffle_buffer)
     batches = jax_utils.prefetch_to_device(
         input_pipeline.with_geo_labels(data.as_numpy_iterator(), centroids), config.input.prefetch_batches,
         axis_name=ts.AXIS)
 
     meta = {"variant": config.variant, "config": json.loads(config.to_json()), "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch, "train_images": total_images}
-    writer = metric_writer.MetricWriter(workdir)
+    writer = metric_writer.MetricWriter(workdir, resume_step=start_step)
     progress = metric_writer.Progress(total_steps, global_batch, start_step)
-    stop = preemption.StopRequest()
     state = replication.replicate(state)
     pending = []  # Device-side metrics of steps not yet fetched: no host sync inside an interval.
+    previous_votes = None
+    stopped_by = None
     step = start_step
-    logging.info("Pretraining %s: %d images, %d steps/epoch, %d steps, global batch %d on %d devices.",
-                 config.variant, total_images, steps_per_epoch, total_steps, global_batch, num_devices)
+    logging.info("Pretraining %s: %d images, %d steps/epoch, %d steps, global batch %d on %d devices of %d "
+                 "processes.", config.variant, total_images, steps_per_epoch, total_steps, global_batch,
+                 jax.device_count(), jax.process_count())
     try:
         while step < total_steps:
-            state, metrics = p_step(state, next(batches))
+            vote = np.full(host.local_devices, stop.requested is not None, np.int32)
+            state, metrics, votes = p_step(state, next(batches), vote)
             step += 1
             pending.append((step, metrics))
-            boundary = (step % config.log_every_steps == 0 or step == total_steps or stop.requested
-                        or step % config.checkpoint_every_steps == 0)
-            if boundary:
+            # The previous step's votes: waits for that step only, while this one is already queued.
+            if previous_votes is not None and replication.unreplicate(previous_votes) > 0:
+                stopped_by = stop.requested or "a signal to another process"
+            previous_votes = votes
+            checkpoint = (step % config.checkpoint_every_steps == 0 or step == total_steps
+                          or stopped_by is not None)
+            if checkpoint or step % config.log_every_steps == 0:
                 _flush_metrics(pending, writer, progress)
                 pending = []
-            if step % config.checkpoint_every_steps == 0 or step == total_steps or stop.requested:
+            if checkpoint:
                 checkpointing.save(mngr, step, replication.unreplicate(state), meta)
-            if stop.requested:
-                checkpointing.wait(mngr)
-                print(f"Stopped by {stop.requested} at step {step}; checkpoint saved in {mngr.directory}. "
-                      "Run the same command to resume.", flush=True)
-                return step
+            if stopped_by is not None:
+                break
         checkpointing.wait(mngr)
     finally:
-        stop.restore()
         writer.close()
-    return step
+    if stopped_by is not None:
+        print(f"Stopped by {stopped_by} at step {step}; checkpoint saved in {mngr.directory}. Run the same "
+              "command to resume.", flush=True)
+    return Outcome(step, total_steps, stopped_by)
 
 
 def _flush_metrics(pending, writer, progress):
-    """Fetches the interval's metrics, stops on a non-finite loss, writes the last step's values."""
+    """Fetches the interval's metrics, stops on a non-finite loss, writes them; process 0 prints progress."""
     fetched = jax.device_get([m for _, m in pending])
     for (step, _), metrics in zip(pending, fetched):
         metrics = replication.unreplicate(metrics)
@@ -193,5 +273,6 @@ def _flush_metrics(pending, writer, progress):
                 f"Loss is {metrics['loss']} at step {step}; stopping. The last checkpoint (before this "
                 "interval) is intact: lower the learning rate or check the data, then rerun to resume.")
         writer.write(step, metrics)
-    last_step = pending[-1][0]
-    print(progress.line(last_step, float(replication.unreplicate(fetched[-1])["loss"])), flush=True)
+    if jax.process_index() == 0:
+        last_step = pending[-1][0]
+        print(progress.line(last_step, float(replication.unreplicate(fetched[-1])["loss"])), flush=True)

@@ -1,4 +1,9 @@
-"""Moving pytrees between the host and pmap's per-device layout (leading axis = local devices)."""
+"""Moving pytrees between the host and pmap's per-device layout (leading axis = local devices).
+
+In a multi-process run these are still this process's devices only: pmap takes each process's local block
+(laid out as `replicate` lays it out, so without a copy) as its part of the global array, and returns each
+process its local block of the outputs.
+"""
 
 import jax
 import numpy as np

@@ -1,0 +1,108 @@
+"""Bad configs are refused before any compute, each with a message that names the field and the fix."""
+
+import re
+
+import numpy as np
+import pytest
+
+from configs import fmow
+from geo_contrast import config_lib
+from geo_contrast import input_pipeline
+from geo_contrast import pretrain
+from geo_contrast import stages
+
+
+def _config(**overrides):
+    c = fmow.get_config("sample")
+    c.input.global_batch = 8
+    c.moco.queue_size = 32
+    for path, value in overrides.items():
+        section, _, field = path.rpartition(".")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+@pytest.mark.parametrize("overrides,devices,message", [
+    ({"input.global_batch": 10}, 4,
+     "config.input.global_batch=10 must be a positive multiple of the device count (4); use e.g. "
+     "--config.input.global_batch=8."),
+    ({"moco.queue_size": 100}, 1,
+     "config.moco.queue_size=100 must be a positive multiple of config.input.global_batch=8 (whole batches are "
+     "enqueued); use e.g. --config.moco.queue_size=96."),
+    ({"moco.temperature": 0.0}, 1, "config.moco.temperature=0.0 must be > 0; use e.g. --config.moco.temperature=0.2"),
+    ({"moco.temperature": -0.07}, 1, "config.moco.temperature=-0.07 must be > 0"),
+    ({"variant": "simclr"}, 1,
+     "config.variant='simclr' is not a variant; choose one of ['geo', 'geo_tp', 'moco', 'tp']"),
+    ({"moco.bn_groups": 1}, 1, "with one device set --config.moco.bn_groups=2 or more"),
+    ({"moco.bn_groups": 3}, 2, "config.moco.bn_groups=3 must divide the per-device batch (4 = global_batch 8 / 2"),
+    ({"dataset.name": ""}, 1, "config.dataset.name is empty"),
+])
+def test_impossible_values_are_refused_with_the_field_and_the_fix(overrides, devices, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.validate_pretrain(_config(**overrides), devices)
+
+
+def test_the_sample_config_passes():
+    config_lib.validate_pretrain(_config(), 1)
+    config_lib.validate_pretrain(_config(**{"moco.bn_groups": 1}), 4)
+
+
+def test_a_split_smaller_than_one_global_batch_is_refused():
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            "config.dataset.train_split='train' has 48 images, fewer than one global batch "
+            "(config.input.global_batch=64)")):
+        config_lib.validate_against_data(_config(**{"input.global_batch": 64}), num_images=48,
+                                         num_distinct_locations=12)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Makes building the model an error, so a test shows that the check came before any compute."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the config was refused")
+
+    monkeypatch.setattr(pretrain, "build_model", refuse)
+
+
+def _distinct_train_locations(data_dir):
+    builder = input_pipeline.load_builder("fmow/rgb_64", data_dir)
+    coordinates = [ex["coordinates"] for ex in builder.as_dataset(split="train").as_numpy_iterator()]
+    return len(np.unique(np.stack(coordinates), axis=0))
+
+
+def test_more_clusters_than_distinct_locations_is_refused_before_the_model(tiny_fmow, tmp_path, no_model):
+    data_dir = tiny_fmow[0]
+    places = _distinct_train_locations(data_dir)
+    assert places == 12
+    config = _config(**{"dataset.data_dir": data_dir, "geo.num_clusters": places + 1})
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            f"config.geo.num_clusters={places + 1} exceeds the {places} distinct locations of "
+            f"config.dataset.train_split='train': k-means cannot form more clusters than places; use "
+            f"--config.geo.num_clusters={places} or fewer.")):
+        pretrain.pretrain(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+    # As many clusters as places passes the check (and reaches the model); without the geo loss the number
+    # of clusters does not matter.
+    for config in (_config(**{"dataset.data_dir": data_dir, "geo.num_clusters": places}),
+                   _config(**{"dataset.data_dir": data_dir, "geo.num_clusters": places + 1, "variant": "tp"})):
+        with pytest.raises(AssertionError, match="the model was built"):
+            pretrain.pretrain(config, str(tmp_path / config.variant))
+
+
+def test_a_missing_dataset_says_how_to_build_it(tmp_path, no_model):
+    empty = tmp_path / "no_data"
+    config = _config(**{"dataset.data_dir": str(empty)})
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=re.escape(
+            f"tfds build tfds_builders/fmow --manual_dir=PATH_TO_RELEASE --config=rgb_64 --data_dir={empty}")):
+        pretrain.pretrain(config, str(tmp_path / "workdir"))
+
+
+def test_stages_validate_before_touching_the_workdir(tmp_path):
+    workdir = tmp_path / "new_workdir"
+    with pytest.raises(config_lib.ConfigError, match="config.moco.temperature"):
+        stages.run(_config(**{"moco.temperature": 0.0}), str(workdir))
+    with pytest.raises(config_lib.ConfigError, match=re.escape("config.stages='pretrain,probe': unknown stage(s) "
+                                                               "['probe']")):
+        stages.run(_config(stages="pretrain,probe"), str(workdir))
+    assert not workdir.exists()

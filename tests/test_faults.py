@@ -1,0 +1,245 @@
+"""Faults, through the real command line: a kill during a checkpoint save, SIGTERM, a second SIGTERM, an unusable
+workdir and failing checkpoint storage.
+
+Every run is `python -m geo_contrast.main` on the tiny fMoW build (48 training images) with a ResNet-18 of width 4
+at 16 px, global batch 8: 6 steps per epoch, 30 steps in all, a checkpoint every 2 steps. The runs share a
+persistent XLA compilation cache, so only the first one compiles.
+"""
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorstore as ts
+from orbax.checkpoint._src.serialization import type_handlers
+
+from geo_contrast import checkpointing
+from geo_contrast import metric_writer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 30
+
+
+def _flags(data_dir, workdir):
+    return ["--config=configs/fmow.py:sample", f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
+            "--config.dataset.generate_sample=False", "--config.model.width=4", "--config.input.image_size=16",
+            "--config.input.global_batch=8", "--config.moco.queue_size=32", "--config.optim.num_epochs=5",
+            "--config.checkpoint_every_steps=2", "--config.log_every_steps=1", "--config.stages=pretrain"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xla_cache")
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")
+
+
+def _start(args, env, log_dir):
+    """Starts a run with stdout/stderr in files (read while it runs); returns (process, stdout, stderr paths)."""
+    out, err = os.path.join(log_dir, "stdout"), os.path.join(log_dir, "stderr")
+    with open(out, "w") as o, open(err, "w") as e:
+        process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=o, stderr=e)
+    return process, out, err
+
+
+def _run(args, env, log_dir, timeout=300):
+    process, out, err = _start(args, env, log_dir)
+    process.wait(timeout=timeout)
+    return process.returncode, _read(out), _read(err)
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _rows(workdir):
+    """{step: loss} of metrics.jsonl, asserting that no step appears twice."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicated steps in metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _wait_for(predicate, process, what, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"the run ended (status {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _last_step(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return max(_rows(workdir), default=0) if os.path.exists(path) else 0
+
+
+def _checkpoint_steps(workdir):
+    return set(checkpointing.reader(os.path.join(workdir, "checkpoints")).all_steps())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_fmow, env, tmp_path_factory):
+    """{step: loss} of a run that is never interrupted."""
+    workdir = tmp_path_factory.mktemp("reference")
+    status, _, err = _run(["-m", "geo_contrast.main", *_flags(tiny_fmow[0], workdir)], env, workdir)
+    assert status == 0, err[-3000:]
+    rows = _rows(workdir)
+    assert sorted(rows) == list(range(1, TOTAL_STEPS + 1))
+    return rows
+
+
+# Runs the real command, but SIGKILLs the process from inside orbax's background write of step 4's checkpoint:
+# the temporary directory exists and is half written.
+_KILLED_IN_SAVE = textwrap.dedent("""
+    import os, signal
+    from absl import app
+    from orbax.checkpoint._src.serialization import type_handlers
+    from geo_contrast import checkpointing, main
+
+    real_save = checkpointing.save
+
+    def save(mngr, step, state, meta):
+        if step == 4:
+            async def die(self, value, tspec, context):
+                os.kill(os.getpid(), signal.SIGKILL)
+            type_handlers.NumpyHandler._open_and_write = die
+        real_save(mngr, step, state, meta)
+
+    checkpointing.save = save
+    app.run(main.main)
+""")
+
+
+def test_a_run_killed_during_a_save_resumes_from_the_last_finished_checkpoint(tiny_fmow, env, reference,
+                                                                              tmp_path):
+    flags = _flags(tiny_fmow[0], tmp_path)
+    status, _, err = _run(["-c", _KILLED_IN_SAVE, *flags], env, tmp_path)
+    assert status == -signal.SIGKILL, err[-3000:]
+    directory = tmp_path / "checkpoints"
+    assert any(name.startswith("4.orbax-checkpoint-tmp") for name in os.listdir(directory)), os.listdir(directory)
+    assert _checkpoint_steps(tmp_path) == {2}
+    killed = _rows(tmp_path)
+    assert max(killed) >= 4  # It logged past the checkpoint it then lost.
+
+    status, out, err = _run(["-m", "geo_contrast.main", *flags], env, tmp_path)
+    assert status == 0, err[-3000:]
+    assert "Resumed from" in err and "at step 2." in err
+    resumed = _rows(tmp_path)
+    assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))  # Steps 3.. of the killed run were replaced.
+    # Every step's loss equals the uninterrupted run's: same state, same queue, same batches after the resume.
+    np.testing.assert_array_equal([resumed[s] for s in sorted(resumed)], [reference[s] for s in sorted(resumed)])
+    assert _checkpoint_steps(tmp_path) >= {TOTAL_STEPS}
+
+
+def test_sigterm_checkpoints_the_next_step_and_exits_0_and_a_second_sigterm_exits_at_once(
+        tiny_fmow, env, reference, tmp_path):
+    args = ["-m", "geo_contrast.main", *_flags(tiny_fmow[0], tmp_path)]
+
+    # One SIGTERM, mid-run: a checkpoint after at most two more steps, then exit status 0.
+    process, out, err = _start(args, env, tmp_path)
+    _wait_for(lambda: _last_step(tmp_path) >= 3, process, "step 3")
+    signalled_after = _last_step(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, _read(err)[-3000:]
+    stopped = max(_checkpoint_steps(tmp_path))
+    assert signalled_after < stopped < TOTAL_STEPS
+    assert f"Stopped by SIGTERM at step {stopped};" in _read(out)
+    assert max(_rows(tmp_path)) == stopped
+
+    # The same command resumes there and repeats the uninterrupted run's losses; two SIGTERMs end it at once,
+    # killed by the signal, without the stop checkpoint.
+    process, out, err = _start(args, env, tmp_path)
+    _wait_for(lambda: _last_step(tmp_path) >= stopped + 2, process, f"step {stopped + 2}")
+    process.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "SIGTERM received" in _read(err), process, "the first SIGTERM to be handled")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == -signal.SIGTERM, _read(err)[-3000:]
+    assert "Stopped by" not in _read(out)
+    rows = _rows(tmp_path)
+    assert sorted(rows) == list(range(1, max(rows) + 1)) and max(rows) >= stopped + 2
+    np.testing.assert_array_equal([rows[s] for s in sorted(rows)], [reference[s] for s in sorted(rows)])
+
+
+def test_an_unusable_workdir_is_a_one_line_error_at_start_up(tiny_fmow, env, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    status, _, err = _run(["-m", "geo_contrast.main", *_flags(tiny_fmow[0], blocker / "workdir")], env, tmp_path)
+    assert status == 1
+    assert f"error: Cannot use --workdir={blocker / 'workdir'}: Not a directory." in err
+    assert "Traceback" not in err
+
+
+def _failing_write(kind, tmp_path):
+    """A replacement for orbax's numpy array write that fails the way a full or unwritable disk does."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+
+    async def full_disk(self, value, tspec, context):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def tensorstore_failure(self, value, tspec, context):  # A real tensorstore error: a file as directory.
+        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(blocker / "array")}}
+        ts.open(spec, create=True, dtype=ts.float32, shape=[1]).result()
+
+    return {"full_disk": (full_disk, "No space left on device"),
+            "tensorstore": (tensorstore_failure, "Not a directory")}[kind]
+
+
+@pytest.mark.parametrize("kind", ["full_disk", "tensorstore"])
+def test_a_failing_save_is_a_checkpoint_error_and_keeps_the_previous_checkpoint(kind, tmp_path, monkeypatch):
+    state = {"w": np.arange(6, dtype=np.float32), "step": np.array(1, np.int32)}
+    mngr = checkpointing.manager(tmp_path / "checkpoints", keep=3)
+    checkpointing.save(mngr, 1, state, {"note": "good"})
+    checkpointing.wait(mngr)
+
+    write, reason = _failing_write(kind, tmp_path)
+    monkeypatch.setattr(type_handlers.NumpyHandler, "_open_and_write", write)
+    checkpointing.save(mngr, 2, state, {"note": "doomed"})
+    message = re.escape(f"{tmp_path / 'checkpoints'} failed: {reason}")
+    with pytest.raises(checkpointing.CheckpointError, match=message):
+        checkpointing.wait(mngr)
+
+    monkeypatch.undo()
+    assert checkpointing.reader(tmp_path / "checkpoints").latest_step() == 1
+    restored, meta = checkpointing.restore(checkpointing.reader(tmp_path / "checkpoints"), 1, state)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert meta == {"note": "good"}
+
+
+def test_a_checkpoint_directory_that_cannot_be_created_is_refused_with_its_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = re.escape(f"Cannot write checkpoints to {blocker}/checkpoints")
+    with pytest.raises(checkpointing.CheckpointError, match=message):
+        checkpointing.manager(blocker / "checkpoints", keep=1)
+
+
+def test_a_bug_in_the_save_is_not_disguised_as_a_storage_error(tmp_path, monkeypatch):
+    async def bug(self, value, tspec, context):
+        raise ValueError("shape mismatch")
+
+    mngr = checkpointing.manager(tmp_path, keep=1)
+    monkeypatch.setattr(type_handlers.NumpyHandler, "_open_and_write", bug)
+    checkpointing.save(mngr, 1, {"w": np.zeros(2, np.float32)}, {})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        checkpointing.wait(mngr)
+
+
+def test_a_resumed_metric_writer_drops_later_rows_and_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 6)]
+    path.write_text("".join(rows) + '{"step": 6, "lo')  # Killed in the middle of writing step 6.
+    writer = metric_writer.MetricWriter(str(tmp_path), resume_step=3)
+    writer.write(4, {"loss": 0.5})
+    writer.close()
+    assert path.read_text() == "".join(rows[:3]) + json.dumps({"step": 4, "loss": 0.5}) + "\n"
