@@ -15,8 +15,9 @@ Locations
   split around centre i mod len(table). Geo-clusters (K-means on unit-sphere xyz) then recover real groups.
   The first table rows straddle the antimeridian (Fiji, Chukotka) or lie above 70 degrees (Svalbard, McMurdo,
   Utqiagvik): small trees already have the places where lat/lon arithmetic goes wrong.
-- The class is drawn independently of the place (a shuffled, balanced list per split): neither the geo loss
-  nor a colour shortcut from the terrain can predict the class; only the drawn object can.
+- What is built depends on where, as in fMoW (crop fields in farmland, ports on coasts): each place has a
+  favourite class, drawn for half of its locations; the other half draw uniformly. So the place predicts the
+  class in part (which is why geo-aware pretraining helps, the paper's premise), and only the object decides it.
 - 1..6 images per location. The file index `<t>` is a permutation of 0..n-1 that is never the time order
   (when n > 1), as in the release, so a consumer that forgets to sort by `timestamp` is caught.
 
@@ -24,8 +25,9 @@ Surroundings: a function of the place
 - Terrain colours, texture scale and texture contrast are smooth functions of the location's unit-sphere
   vector (random Fourier features of xyz, fixed once for the whole synthetic world, independent of the seed),
   plus snow towards the poles. Nearby locations look alike, far ones differ, and nothing jumps at lon = +-180.
-- Each location has its own noise field, registered to the object: every image of a location shows the same
-  ground around the object, the way co-registered revisits do. Temporal positives thus share surroundings.
+- Each image draws its own noise field from its place's style: revisits share the ground's colours and texture
+  statistics, but no pixel pattern. A location's ground is then no fingerprint: telling a location from its
+  neighbours (which look alike) takes the object, so contrastive pretraining has to learn the object's shape.
 
 Object: a function of the class only
 - The i-th class draws the i-th shape of `_SHAPES` (cross, horizontal stripes, concentric squares,
@@ -39,8 +41,9 @@ Object: a function of the class only
 
 Time: nuisance, never class
 - Per image: object position, size (+-10%) and rotation (+-~5 degrees around a per-location angle) jitter;
-  image size varies; the object and pad colours are redrawn. Temporal positives must be matched by shape and
-  ground, not by pixels.
+  image size varies; the object and pad colours are redrawn (were they fixed per location, a colour pair would
+  identify a location and contrastive learning would stop at colour, never reaching shape). Temporal positives
+  must be matched by the object's shape, not by pixels or colours.
 - Timestamps: distinct days between 2002 and 2017 at about 10:30 local solar time (converted to UTC with the
   longitude), only on days when the sun is at least 5 degrees up (no polar-night images).
 - Illumination follows the sun: brightness from the solar elevation (reported in `sun_elevation_dbl`),
@@ -342,7 +345,7 @@ class _LocationPlan:
   lat: float
   lon: float
   country_code: str
-  terrain_seed: int  # For the location's ground texture, shared by all its images.
+  terrain_seed: int  # Seeds each of its images' ground texture (drawn per image from the place's style).
   images: tuple[_ImagePlan, ...]
 
 
@@ -474,7 +477,7 @@ def _channels(rgb):
 def _render(plan, canvas, lat, shape):
   """One image (3, height, width) in [0, 1] (float32) and the fraction of it under clouds.
 
-  `canvas` is the location's ground (`_terrain_canvas`), its centre put under the box centre.
+  `canvas` is this image's ground (`_terrain_canvas`), its centre put under the box centre.
   """
   rng = np.random.default_rng(plan.noise_seed)
   x, y, w, h = plan.box
@@ -542,11 +545,20 @@ def _record(location, plan, stem, cloud_fraction, box_id):
   }
 
 
-def _write_location(root, location, shape, canvas, first_box_id):
+def _draw_classes(rng, n_locations, n_classes, favourite_share=0.5):
+  """Class ids of locations 0..n-1: location i (around `_CENTRES[i % len]`) takes its place's favourite class
+  with probability `favourite_share`, else a uniform one. Favourites cycle over the classes, so every class is
+  some places' favourite and the classes stay roughly balanced."""
+  favourite = (np.arange(n_locations) % len(_CENTRES)) % n_classes
+  uniform = rng.integers(0, n_classes, n_locations)
+  return np.where(rng.random(n_locations) < favourite_share, favourite, uniform)
+
+
+def _write_location(root, location, shape, canvases, first_box_id):
   """Writes one location's images and JSONs; returns the number of images."""
   folder = os.path.join(root, location.split, location.category, f"{location.category}_{location.index}")
   os.makedirs(folder)
-  for k, plan in enumerate(location.images):
+  for k, (plan, canvas) in enumerate(zip(location.images, canvases)):
     stem = f"{location.category}_{location.index}_{plan.t}"
     pixels, cloud_fraction = _render(plan, canvas, location.lat, shape)
     Image.fromarray(np.round(pixels * 255).astype(np.uint8).transpose(1, 2, 0)).save(
@@ -607,15 +619,16 @@ def generate(out_dir: str | os.PathLike, *, seed: int = 0,
   summary, box_id = {}, 1
   for split, n_locations in locations_per_split.items():
     split_rng = np.random.default_rng([seed, _SPLITS.index(split)])
-    class_ids = split_rng.permutation(np.arange(n_locations) % len(classes))
+    class_ids = _draw_classes(split_rng, n_locations, len(classes))
     per_class = [0] * len(classes)
     images = 0
     for i, class_id in enumerate(class_ids):
       location = _plan_location(seed, split, i, classes[class_id], per_class[class_id], image_size_range)
       per_class[class_id] += 1
-      canvas = _terrain_canvas(np.random.default_rng(location.terrain_seed),
-                               _terrain_style(location.lat, location.lon), canvas_size)
-      images += _write_location(out_dir, location, _SHAPES[class_id], canvas, box_id)
+      style = _terrain_style(location.lat, location.lon)
+      canvases = [_terrain_canvas(np.random.default_rng([location.terrain_seed, plan.t]), style, canvas_size)
+                  for plan in location.images]
+      images += _write_location(out_dir, location, _SHAPES[class_id], canvases, box_id)
       box_id += len(location.images)
     summary[split] = {"locations": int(n_locations), "images": images}
   return summary

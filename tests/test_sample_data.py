@@ -305,8 +305,10 @@ def test_surroundings_follow_the_place(default_tree):
   near = pair & (ids[:, None] != ids[None]) & (angle < 5)
   far = pair & (angle > 30)
   assert same.sum() > 100 and near.sum() > 100 and far.sum() > 1000
-  assert distance[same].mean() < 0.6 * distance[far].mean()
-  assert distance[near].mean() < 0.8 * distance[far].mean()
+  # Revisits share the place's style but not its noise pattern (no per-location fingerprint), so they sit
+  # between neighbours and one location's fixed ground.
+  assert distance[same].mean() < 0.7 * distance[far].mean()
+  assert distance[same].mean() < distance[near].mean() < 0.8 * distance[far].mean()
 
 
 def _box_features(root, split):
