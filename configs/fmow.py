@@ -24,6 +24,9 @@ def get_config(arg=None):
   c.variant = arg.variant
   c.stages = "pretrain,linear_eval"
   c.seed = 0
+  # A torchvision-layout ResNet in safetensors to start both encoders from (e.g. ImageNet weights, the paper's
+  # "IN init"); "" starts from random. See geo_contrast/export.py.
+  c.init_from = ""
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "fmow/rgb_256"

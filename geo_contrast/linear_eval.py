@@ -60,6 +60,7 @@ from geo_contrast import eval_metrics
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
 from geo_contrast import pretrain
+from geo_contrast import train_setup
 from geo_contrast import results
 from geo_contrast.models import resnet
 
@@ -101,7 +102,7 @@ def load_backbone(config, workdir):
         logging.info("Linear evaluation of %s (variant %s, ResNet-%d width %d, step %d).", source["checkpoint"],
                      model_config.variant, model_config.model.depth, model_config.model.width, step)
     module = resnet.ResNet(depth=model_config.model.depth, width=model_config.model.width,
-                           dtype=pretrain.compute_dtype(config.model.compute_dtype))
+                           dtype=train_setup.compute_dtype(config.model.compute_dtype))
     variables = {"params": state.params["encoder"]["backbone"], "batch_stats": state.batch_stats["backbone"]}
     return Backbone(module, variables, source)
 
@@ -133,7 +134,7 @@ def find_checkpoint(init, workdir):
 
 def _pretraining_state(config):
     """Pretraining's initial TrainState for `config`, on the host: the restore template, and init "random"."""
-    return pretrain.initial_state(config)
+    return train_setup.initial_state(config)
 
 
 def backbone_features(module, variables, images):

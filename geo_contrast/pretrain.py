@@ -26,12 +26,10 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import jax_utils
 from jax import lax
@@ -44,9 +42,8 @@ from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
 from geo_contrast import preemption
 from geo_contrast import replication
+from geo_contrast import train_setup
 from geo_contrast import train_step as ts
-from geo_contrast.models import moco
-from geo_contrast.models import resnet
 
 CLUSTERS_FILE = "geo_clusters.npz"
 CHECKPOINT_DIR = "checkpoints"
@@ -54,84 +51,6 @@ CHECKPOINT_DIR = "checkpoints"
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def compute_dtype(name):
-    """"auto" means bfloat16 where matrix units want it (TPU/GPU) and float32 on CPU."""
-    if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(name)
-
-
-def build_encoder(model_config, dtype=jnp.float32):
-    """The query/key encoder (backbone + projection head) a config describes."""
-    return moco.Encoder(resnet.ResNet(depth=model_config.depth, width=model_config.width, dtype=dtype),
-                        embed_dim=model_config.projection_dim)
-
-
-def learning_rate_schedule(config, total_steps):
-    """SGD lr 0.03 x global_batch / 256 with a cosine decay to 0 over the run (MoCo-v2)."""
-    peak = config.optim.base_lr * config.input.global_batch / 256
-    return optax.cosine_decay_schedule(peak, decay_steps=max(total_steps, 1))
-
-
-def optimizer(config, lr_fn):
-    """torch.optim.SGD(momentum, weight_decay) as the authors ran it: decay added to the gradient of every
-    parameter before the momentum buffer."""
-    return optax.chain(optax.add_decayed_weights(config.optim.weight_decay),
-                       optax.sgd(lr_fn, momentum=config.optim.momentum))
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """The modules and the optimizer of a config's pretraining."""
-    encoder: moco.Encoder
-    geo_head: Any  # moco.GeoHead for the geo variants, else None.
-    lr_fn: optax.Schedule
-    tx: optax.GradientTransformation
-
-
-def build_model(config, total_steps, dtype=jnp.float32):
-    """Encoder, geo head, lr schedule and optimizer for `config`; `total_steps` only shapes the schedule."""
-    geo_head = moco.GeoHead(config.geo.num_clusters, dtype=dtype) if config_lib.uses_geo_loss(config.variant) \
-        else None
-    lr_fn = learning_rate_schedule(config, total_steps)
-    return Model(build_encoder(config.model, dtype), geo_head, lr_fn, optimizer(config, lr_fn))
-
-
-def init_state(config, encoder, geo_head, tx, image_size, seed):
-    """A fresh TrainState: key encoder = query encoder, queue = random unit vectors."""
-    init_key, queue_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    variables = encoder.init(init_key, dummy, train=False)
-    params = {"encoder": variables["params"]}
-    if geo_head is not None:
-        params["geo_head"] = geo_head.init(init_key, jnp.zeros((1, config.model.projection_dim)))["params"]
-    queue = jax.random.normal(queue_key, (config.moco.queue_size, config.model.projection_dim))
-    queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
-    return ts.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-        key_params=variables["params"], key_batch_stats=variables["batch_stats"], opt_state=tx.init(params),
-        queue=queue, queue_ptr=jnp.zeros((), jnp.int32), rng=step_key)
-
-
-def _init_fn(config, model):
-    return functools.partial(init_state, config, model.encoder, model.geo_head, model.tx, config.input.image_size,
-                             config.seed)
-
-
-def initial_state(config, model=None):
-    """Pretraining's first TrainState for `config` (its seed and image size), as host numpy arrays.
-
-    The one definition of it: pretraining starts from it, and linear evaluation restores checkpoints into its
-    shape and uses it as the "random" baseline. `model` defaults to `build_model(config, 1)`; the state does not
-    depend on the schedule or the compute dtype. Compiled as one program, unoptimised on CPU: it is a long chain
-    of random-number kernels, run once in milliseconds, which XLA's CPU optimiser takes ~10x longer to compile
-    (about 20 s against 2 s for a ResNet-18 on two cores).
-    """
-    model = model or build_model(config, total_steps=1)
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return jax.device_get(jax.jit(_init_fn(config, model)).lower().compile(compiler_options=options)())
 
 
 def fit_or_load_clusters(config, workdir, train_index):
@@ -155,12 +74,6 @@ def fit_or_load_clusters(config, workdir, train_index):
             f"{path} holds {len(centroids)} clusters but config.geo.num_clusters={config.geo.num_clusters}; use "
             "a new --workdir or the same value.")
     return centroids
-
-
-def step_config(config):
-    return ts.StepConfig(temperature=config.moco.temperature, momentum=config.moco.momentum,
-                         bn_groups=config.moco.bn_groups, infonce_weight=config.moco.infonce_weight,
-                         geo_weight=config.geo.loss_weight if config_lib.uses_geo_loss(config.variant) else 0.0)
 
 
 def voting_step(state, batch, stop_vote, *, model, cfg):
@@ -202,15 +115,18 @@ def _pretrain(config, workdir, stop):
     centroids = fit_or_load_clusters(config, workdir, train_index) if use_geo else None
 
     # State: the latest checkpoint's, or the initial one.
-    model = build_model(config, total_steps, compute_dtype(config.model.compute_dtype))
+    model = train_setup.build_model(config, total_steps, train_setup.compute_dtype(config.model.compute_dtype))
     start_step = mngr.latest_step()
     if start_step is None:
-        start_step, state = 0, initial_state(config, model)
+        start_step, state = 0, train_setup.initial_state(config, model)
+        if config.init_from:
+            state = train_setup.with_torchvision_backbone(state, config.init_from)
+            logging.info("Initialised both encoders' backbones from %s.", config.init_from)
     else:
-        state, _ = checkpointing.restore(mngr, start_step, jax.eval_shape(_init_fn(config, model)))
+        state, _ = checkpointing.restore(mngr, start_step, train_setup.abstract_state(config, model))
         logging.info("Resumed from %s at step %d.", mngr.directory, start_step)
-    p_step = jax.pmap(functools.partial(voting_step, model=model, cfg=step_config(config)), axis_name=ts.AXIS,
-                      donate_argnums=(0,))
+    p_step = jax.pmap(functools.partial(voting_step, model=model, cfg=train_setup.step_config(config)),
+                      axis_name=ts.AXIS, donate_argnums=(0,))
 
     # Data: this process's block of every global batch, from the start step on.
     host = input_pipeline.HostSlice.of_this_process()

@@ -21,6 +21,7 @@ from geo_contrast import checkpointing
 from geo_contrast import export
 from geo_contrast import geo_clusters
 from geo_contrast import pretrain
+from geo_contrast import train_setup
 from geo_contrast import torchvision_layout
 from geo_contrast.models import moco
 from geo_contrast.models.resnet import ResNet
@@ -134,10 +135,10 @@ def geo_workdir(tmp_path_factory):
     config = fmow.get_config("sample")
     config.model.width = 4
     config.moco.queue_size = 128
-    encoder = pretrain.build_encoder(config.model)
+    encoder = train_setup.build_encoder(config.model)
     geo_head = moco.GeoHead(config.geo.num_clusters)
-    tx = pretrain.optimizer(config, pretrain.learning_rate_schedule(config, 1))
-    state = fill(jax.eval_shape(lambda: pretrain.init_state(config, encoder, geo_head, tx, 32, 0)), seed=1)
+    tx = train_setup.optimizer(config, train_setup.learning_rate_schedule(config, 1))
+    state = fill(jax.eval_shape(lambda: train_setup.init_state(config, encoder, geo_head, tx, 32, 0)), seed=1)
     state = state.replace(step=np.int32(12))
     mngr = checkpointing.manager(os.path.join(workdir, pretrain.CHECKPOINT_DIR), keep=2)
     checkpointing.save(mngr, 12, state, {"variant": config.variant, "config": json.loads(config.to_json()),

@@ -80,18 +80,18 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     import functools, json
     import jax, numpy as np
     from configs import fmow
-    from geo_contrast import pretrain, replication, train_step as ts
+    from geo_contrast import replication, train_setup, train_step as ts
     from geo_contrast.models import moco
 
     c = fmow.get_config("sample")
     c.model.width = 4
     c.input.global_batch = 16
     c.moco.queue_size = 32
-    encoder = pretrain.build_encoder(c.model)
+    encoder = train_setup.build_encoder(c.model)
     geo_head = moco.GeoHead(5)
-    lr_fn = pretrain.learning_rate_schedule(c, 10)
-    tx = pretrain.optimizer(c, lr_fn)
-    state = jax.device_get(pretrain.init_state(c, encoder, geo_head, tx, 32, seed=0))
+    lr_fn = train_setup.learning_rate_schedule(c, 10)
+    tx = train_setup.optimizer(c, lr_fn)
+    state = jax.device_get(train_setup.init_state(c, encoder, geo_head, tx, 32, seed=0))
     rng = np.random.default_rng(0)
     batches = [{"query": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
                 "key": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),

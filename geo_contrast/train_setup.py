@@ -1,0 +1,120 @@
+"""What a config's pretraining is made of: modules, optimizer, schedule, the first TrainState, the step's numbers.
+
+Kept apart from the loop (pretrain.py) and free of TensorFlow, so that linear evaluation, export and the step
+benchmark build exactly the model pretraining trains, also on accelerator hosts that have no TensorFlow.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from geo_contrast import config_lib
+from geo_contrast import torchvision_layout
+from geo_contrast import train_step as ts
+from geo_contrast.models import moco
+from geo_contrast.models import resnet
+
+
+def compute_dtype(name):
+    """"auto" means bfloat16 where matrix units want it (TPU/GPU) and float32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def build_encoder(model_config, dtype=jnp.float32):
+    """The query/key encoder (backbone + projection head) a config describes."""
+    return moco.Encoder(resnet.ResNet(depth=model_config.depth, width=model_config.width, dtype=dtype),
+                        embed_dim=model_config.projection_dim)
+
+
+def learning_rate_schedule(config, total_steps):
+    """SGD lr 0.03 x global_batch / 256 with a cosine decay to 0 over the run (MoCo-v2)."""
+    peak = config.optim.base_lr * config.input.global_batch / 256
+    return optax.cosine_decay_schedule(peak, decay_steps=max(total_steps, 1))
+
+
+def optimizer(config, lr_fn):
+    """torch.optim.SGD(momentum, weight_decay) as the authors ran it: decay added to the gradient of every
+    parameter before the momentum buffer."""
+    return optax.chain(optax.add_decayed_weights(config.optim.weight_decay),
+                       optax.sgd(lr_fn, momentum=config.optim.momentum))
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The modules and the optimizer of a config's pretraining."""
+    encoder: moco.Encoder
+    geo_head: Any  # moco.GeoHead for the geo variants, else None.
+    lr_fn: optax.Schedule
+    tx: optax.GradientTransformation
+
+
+def build_model(config, total_steps, dtype=jnp.float32):
+    """Encoder, geo head, lr schedule and optimizer for `config`; `total_steps` only shapes the schedule."""
+    geo_head = moco.GeoHead(config.geo.num_clusters, dtype=dtype) if config_lib.uses_geo_loss(config.variant) \
+        else None
+    lr_fn = learning_rate_schedule(config, total_steps)
+    return Model(build_encoder(config.model, dtype), geo_head, lr_fn, optimizer(config, lr_fn))
+
+
+def init_state(config, encoder, geo_head, tx, image_size, seed):
+    """A fresh TrainState: key encoder = query encoder, queue = random unit vectors."""
+    init_key, queue_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    variables = encoder.init(init_key, dummy, train=False)
+    params = {"encoder": variables["params"]}
+    if geo_head is not None:
+        params["geo_head"] = geo_head.init(init_key, jnp.zeros((1, config.model.projection_dim)))["params"]
+    queue = jax.random.normal(queue_key, (config.moco.queue_size, config.model.projection_dim))
+    queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
+    return ts.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+        key_params=variables["params"], key_batch_stats=variables["batch_stats"], opt_state=tx.init(params),
+        queue=queue, queue_ptr=jnp.zeros((), jnp.int32), rng=step_key)
+
+
+def _init_fn(config, model):
+    return functools.partial(init_state, config, model.encoder, model.geo_head, model.tx, config.input.image_size,
+                             config.seed)
+
+
+def abstract_state(config, model):
+    """The TrainState's shapes and dtypes (what a checkpoint is restored into), without computing it."""
+    return jax.eval_shape(_init_fn(config, model))
+
+
+def with_torchvision_backbone(state, path):
+    """`state` with both encoders' backbones (parameters and BN statistics) loaded from a torchvision-layout
+    safetensors file (`config.init_from`: ImageNet weights for the paper's "IN init", or a released encoder).
+    The optimizer state needs no change: SGD's momentum starts at zero whatever the parameters are."""
+    backbone, stats = torchvision_layout.load_torchvision_resnet(
+        path, state.params["encoder"]["backbone"], state.batch_stats["backbone"])
+    encoder = {**state.params["encoder"], "backbone": backbone}
+    batch_stats = {**state.batch_stats, "backbone": stats}
+    return state.replace(params={**state.params, "encoder": encoder}, batch_stats=batch_stats,
+                         key_params=encoder, key_batch_stats=batch_stats)
+
+
+def initial_state(config, model=None):
+    """Pretraining's first TrainState for `config` (its seed and image size), as host numpy arrays.
+
+    The one definition of it: pretraining starts from it, and linear evaluation restores checkpoints into its
+    shape and uses it as the "random" baseline. `model` defaults to `build_model(config, 1)`; the state does not
+    depend on the schedule or the compute dtype. Compiled as one program, unoptimised on CPU: it is a long chain
+    of random-number kernels, run once in milliseconds, which XLA's CPU optimiser takes ~10x longer to compile
+    (about 20 s against 2 s for a ResNet-18 on two cores).
+    """
+    model = model or build_model(config, total_steps=1)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.device_get(jax.jit(_init_fn(config, model)).lower().compile(compiler_options=options)())
+
+
+def step_config(config):
+    return ts.StepConfig(temperature=config.moco.temperature, momentum=config.moco.momentum,
+                         bn_groups=config.moco.bn_groups, infonce_weight=config.moco.infonce_weight,
+                         geo_weight=config.geo.loss_weight if config_lib.uses_geo_loss(config.variant) else 0.0)
