@@ -1,17 +1,27 @@
-"""Makes the bundled sample available to a `sample` config: generated and built into the workdir on first use.
+"""Makes a bundled sample available to a `sample` config: generated and built into the workdir on first use.
 
-So `python -m geo_contrast.main --config=configs/fmow.py:sample --workdir=DIR` needs no download and no
-separate `tfds build`: the fMoW-format tree is written to DIR/sample_fmow and built (builder config
-"rgb_64") into DIR/data, the same code path as `tfds build tfds_builders/fmow --config=rgb_64`.
+So `python -m geo_contrast.main --config=configs/fmow.py:sample --workdir=DIR` needs no download and no separate
+`tfds build`: the dataset's generated tree is written to DIR/sample_<dataset> and built (the config's builder
+config, e.g. fmow "rgb_64") into DIR/data, the same code path as `tfds build`.
 """
 
 import os
 
-from absl import logging
 import tensorflow_datasets as tfds
+from absl import logging
 
 from geo_contrast import sample_data
+from geo_contrast import sample_geo_imagenet
 from tfds_builders.fmow import fmow_dataset_builder
+from tfds_builders.geo_imagenet import geo_imagenet_dataset_builder
+
+# Dataset name -> (generator of its manual-dir format, TFDS builder class).
+SAMPLES = {
+    "fmow": (lambda out, seed: sample_data.generate(out, seed=seed), fmow_dataset_builder.Builder),
+    "geo_imagenet": (lambda out, seed: sample_geo_imagenet.generate(out, seed=seed, num_classes=4,
+                                                                    images_per_class=40),
+                     geo_imagenet_dataset_builder.Builder),
+}
 
 
 def prepare_if_sample(config, workdir):
@@ -20,13 +30,16 @@ def prepare_if_sample(config, workdir):
         return
     if config.dataset.data_dir is None:
         config.dataset.data_dir = os.path.join(workdir, "data")
-    _, _, builder_config = config.dataset.name.partition("/")
-    builder = fmow_dataset_builder.Builder(config=builder_config or None, data_dir=config.dataset.data_dir)
+    dataset, _, builder_config = config.dataset.name.partition("/")
+    if dataset not in SAMPLES:
+        raise ValueError(f"config.dataset.generate_sample is set, but there is no bundled sample of {dataset!r}; "
+                         f"samples exist for {sorted(SAMPLES)}.")
+    generate, builder_class = SAMPLES[dataset]
+    builder = builder_class(config=builder_config or None, data_dir=config.dataset.data_dir)
     if builder.is_prepared():
         return
-    manual_dir = os.path.join(workdir, "sample_fmow")
-    if not os.path.isdir(os.path.join(manual_dir, "train")):
-        summary = sample_data.generate(manual_dir, seed=config.seed)
-        logging.info("Generated the fMoW-format sample in %s: %s", manual_dir, summary)
+    manual_dir = os.path.join(workdir, f"sample_{dataset}")
+    if not os.path.isdir(manual_dir):
+        summary = generate(manual_dir, config.seed)
+        logging.info("Generated the %s sample in %s: %s", dataset, manual_dir, summary)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-
