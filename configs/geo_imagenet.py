@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.dataset.name = "geo_imagenet/s64" if arg.sample else "geo_imagenet/s256"
   c.dataset.test_split = "test"  # GeoImageNet is split train/val only: no test split is evaluated.
   if arg.sample:
-    c.geo.num_clusters = 4
+    c.geo.num_clusters = 6
     c.input.global_batch = 16
     c.moco.queue_size = 64
     c.linear_eval.global_batch = 16

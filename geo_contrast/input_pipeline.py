@@ -76,13 +76,32 @@ class LocationIndex:
     return np.repeat(self.coordinates, self.num_images, axis=0)
 
 
+def is_time_series(builder):
+  """fMoW-style datasets store a location's time series ("images"); single-image datasets (GeoImageNet) one
+  "image" per example, which this module reads as a location with one image."""
+  return "images" in builder.info.features
+
+
+def encoded_locations(builder, split, read_config=None):
+  """`split` in stored order as {"images": [T] encoded JPEGs, "coordinates", "label"}, for either schema."""
+  key = "images" if is_time_series(builder) else "image"
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={key: tfds.decode.SkipDecoding()},
+                          read_config=read_config)
+  as_series = (lambda images: images) if key == "images" else (lambda image: image[None])
+  return ds.map(lambda ex: {"images": as_series(ex[key]), "coordinates": ex["coordinates"], "label": ex["label"]})
+
+
 def read_location_index(builder, split):
   """Reads coordinates and image counts of every location in `split`, without decoding any image."""
-  ds = builder.as_dataset(
-      split=split, shuffle_files=False,
-      decoders=tfds.decode.PartialDecoding({"coordinates": True, "timestamps": True}))
-  ds = ds.map(lambda ex: (ex["coordinates"], tf.size(ex["timestamps"], out_type=tf.int64)),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  if is_time_series(builder):
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders=tfds.decode.PartialDecoding({"coordinates": True, "timestamps": True}))
+    ds = ds.map(lambda ex: (ex["coordinates"], tf.size(ex["timestamps"], out_type=tf.int64)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders=tfds.decode.PartialDecoding({"coordinates": True}))
+    ds = ds.map(lambda ex: (ex["coordinates"], tf.constant(1, tf.int64)))
   coords, counts = [], []
   for c, n in ds.batch(4096).as_numpy_iterator():
     coords.append(c)
@@ -156,10 +175,7 @@ def pretrain_dataset(builder, split, *, temporal, image_size, crop_scale, global
                      f"x {host.local_devices} devices.")
   position = start_step * global_batch
   first_epoch, skip = divmod(position, images_per_epoch)
-  locations = builder.as_dataset(
-      split=split, shuffle_files=False, decoders={"images": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None))
-  locations = locations.map(lambda ex: {"images": ex["images"], "coordinates": ex["coordinates"]})
+  locations = encoded_locations(builder, split, tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None))
 
   stream = tf.data.Dataset.range(first_epoch, _MAX_INT).flat_map(
       lambda e: _pairs_of_epoch(locations, e, seed=seed, temporal=temporal, shuffle_buffer=shuffle_buffer))

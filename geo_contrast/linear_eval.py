@@ -154,8 +154,7 @@ def split_images(builder, split):
 
     Locations are read in the split's stored order, so the index is stable across reads.
     """
-    locations = builder.as_dataset(split=split, shuffle_files=False,
-                                   decoders={"images": tfds.decode.SkipDecoding()})
+    locations = input_pipeline.encoded_locations(builder, split)
 
     def expand(index, example):
         images = example["images"]

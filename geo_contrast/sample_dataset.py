@@ -18,8 +18,8 @@ from tfds_builders.geo_imagenet import geo_imagenet_dataset_builder
 # Dataset name -> (generator of its manual-dir format, TFDS builder class).
 SAMPLES = {
     "fmow": (lambda out, seed: sample_data.generate(out, seed=seed), fmow_dataset_builder.Builder),
-    "geo_imagenet": (lambda out, seed: sample_geo_imagenet.generate(out, seed=seed, num_classes=4,
-                                                                    images_per_class=40),
+    "geo_imagenet": (lambda out, seed: sample_geo_imagenet.generate(out, seed=seed, num_classes=6,
+                                                                    images_per_class=30),
                      geo_imagenet_dataset_builder.Builder),
 }
 
