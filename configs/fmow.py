@@ -83,6 +83,7 @@ def get_config(arg=None):
   c.linear_eval.image_size = 224
   c.linear_eval.resize_size = 224
   c.linear_eval.cache_features = False
+  c.linear_eval.compare_random = False  # Also probe the random-init encoder, the floor (results.md: margin).
 
   if arg.sample:
     _scale_to_sample(c)
@@ -90,24 +91,36 @@ def get_config(arg=None):
 
 
 def _scale_to_sample(c):
-  """The bundled sample on 2 CPU cores: same code paths, a narrow ResNet-18 and 32 px images."""
+  """The bundled sample on 2 CPU cores: the same code paths, a narrow ResNet-18 at 64 px, about 5 minutes.
+
+  Measured choices (pretrained vs random-init probe on the sample's val split): the authors' temperature 0.02
+  and a queue of 10-100% of the ~1,000 images collapse here (too many same-location keys in the queue act as
+  hard negatives), so the sample uses MoCo-v2's 0.2 and a 128-key queue; a 40-epoch run needs a faster key
+  encoder (momentum 0.99) and a larger learning rate; crops of at least half the image keep the object in view
+  at 64 px. With these the pretrained probe beats the random one by ~20 points of top-1.
+  """
   c.dataset.name = "fmow/rgb_64"
   c.dataset.generate_sample = True
   c.input.global_batch = 64
-  c.input.image_size = 32
+  c.input.image_size = 64
+  c.input.crop_scale = (0.5, 1.0)
   c.input.shuffle_buffer = 2_048
   c.model.depth = 18
   c.model.width = 16
-  c.moco.queue_size = 1_024
+  c.moco.queue_size = 128
+  c.moco.momentum = 0.99
   c.moco.bn_groups = 2
   c.moco.temperature = 0.2
   c.geo.num_clusters = 10
-  c.optim.num_epochs = 30
+  c.optim.base_lr = 0.12
+  c.optim.num_epochs = 40
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
   c.linear_eval.global_batch = 64
-  c.linear_eval.num_epochs = 30
-  c.linear_eval.decay_epochs = (18, 24)
-  c.linear_eval.image_size = 32
-  c.linear_eval.resize_size = 32
+  c.linear_eval.base_lr = 4.0  # lr 1.0 at batch 64.
+  c.linear_eval.num_epochs = 60
+  c.linear_eval.decay_epochs = (36, 48)
+  c.linear_eval.image_size = 64
+  c.linear_eval.resize_size = 64
   c.linear_eval.cache_features = True
+  c.linear_eval.compare_random = True

@@ -56,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from geo_contrast import augment
 from geo_contrast import checkpointing
+from geo_contrast import config_lib
 from geo_contrast import eval_metrics
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
@@ -426,17 +427,17 @@ def evaluate(config, workdir):
 def validate(lc, num_local_devices):
     """Refuses impossible config.linear_eval values before any data is read, naming the field."""
     if lc.schedule not in SCHEDULES:
-        raise ValueError(f"config.linear_eval.schedule={lc.schedule!r}; choose one of {list(SCHEDULES)}.")
+        raise config_lib.ConfigError(f"config.linear_eval.schedule={lc.schedule!r}; choose one of {list(SCHEDULES)}.")
     if lc.num_epochs <= 0 or lc.base_lr <= 0:
-        raise ValueError("config.linear_eval.num_epochs and config.linear_eval.base_lr must be > 0.")
+        raise config_lib.ConfigError("config.linear_eval.num_epochs and config.linear_eval.base_lr must be > 0.")
     if lc.global_batch <= 0 or lc.global_batch % num_local_devices:
-        raise ValueError(f"config.linear_eval.global_batch={lc.global_batch} must be a positive multiple of the "
+        raise config_lib.ConfigError(f"config.linear_eval.global_batch={lc.global_batch} must be a positive multiple of the "
                          f"local device count ({num_local_devices}).")
     if not 0 < lc.image_size <= lc.resize_size:
-        raise ValueError(f"config.linear_eval: need 0 < image_size ({lc.image_size}) <= resize_size "
+        raise config_lib.ConfigError(f"config.linear_eval: need 0 < image_size ({lc.image_size}) <= resize_size "
                          f"({lc.resize_size}).")
     if not lc.init:
-        raise ValueError("config.linear_eval.init is empty; use 'pretrained', 'random' or a checkpoint path.")
+        raise config_lib.ConfigError("config.linear_eval.init is empty; use 'pretrained', 'random' or a checkpoint path.")
 
 
 def _shard(tree, mesh):

@@ -3,6 +3,8 @@
 Before any of them: the config is validated and the workdir made, so a bad value or an unusable directory is
 reported at once. A pretraining stopped by a signal (preemption) ends the run there: its checkpoint is saved
 and the same command resumes it, so the later stages must not start on an unfinished encoder.
+With `config.linear_eval.compare_random`, the probe of the random-init encoder (the floor) follows the
+pretrained one, so results.md shows the margin. The run's plots (plots.py) are drawn at the end.
 """
 
 import os
@@ -13,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from geo_contrast import config_lib
 from geo_contrast import linear_eval
+from geo_contrast import plots
 from geo_contrast import pretrain
 from geo_contrast import sample_dataset
 
@@ -41,6 +44,11 @@ def run(config, workdir):
             return
     if "linear_eval" in names:
         linear_eval.evaluate(config, workdir)
+        if config.linear_eval.compare_random and config.linear_eval.init != "random":
+            floor = config.copy_and_resolve_references()
+            floor.linear_eval.init = "random"
+            linear_eval.evaluate(floor, workdir)
+    plots.write_all(workdir, config)
 
 
 def _prepare_sample(config, workdir):
