@@ -18,109 +18,111 @@ from geo_contrast import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="geo_tp", sample=False)
-  config_lib.uses_geo_loss(arg.variant)  # Refuses an unknown variant with the list of known ones.
-  c = ml_collections.ConfigDict()
-  c.variant = arg.variant
-  c.stages = "pretrain,linear_eval"
-  c.seed = 0
-  # A torchvision-layout ResNet in safetensors to start both encoders from (e.g. ImageNet weights, the paper's
-  # "IN init"); "" starts from random. See geo_contrast/export.py.
-  c.init_from = ""
+    arg = config_lib.parse_arg(arg, variant="geo_tp", sample=False)
+    config_lib.uses_geo_loss(arg.variant)  # Refuses an unknown variant with the list of known ones.
+    c = ml_collections.ConfigDict()
+    c.variant = arg.variant
+    c.stages = "pretrain,linear_eval"
+    c.seed = 0
+    # A torchvision-layout ResNet in safetensors to start both encoders from (e.g. ImageNet weights, the paper's
+    # "IN init"); "" starts from random. See geo_contrast/export.py.
+    c.init_from = ""
 
-  c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "fmow/rgb_256"
-  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS's default.
-  # True for `sample`: generate the fMoW-format sample and build it into WORKDIR/data when missing.
-  c.dataset.generate_sample = False
-  c.dataset.train_split = "train"
-  c.dataset.val_split = "val"
-  c.dataset.test_split = "test"  # Evaluated only when the built dataset has it.
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "fmow/rgb_256"
+    c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS's default.
+    # True for `sample`: generate the fMoW-format sample and build it into WORKDIR/data when missing.
+    c.dataset.generate_sample = False
+    c.dataset.train_split = "train"
+    c.dataset.val_split = "val"
+    c.dataset.test_split = "test"  # Evaluated only when the built dataset has it.
 
-  c.input = ml_collections.ConfigDict()
-  c.input.global_batch = 256
-  c.input.image_size = 224
-  c.input.crop_scale = (0.2, 1.0)
-  c.input.shuffle_buffer = 16_384  # Images (encoded), per host.
-  c.input.prefetch_batches = 2
+    c.input = ml_collections.ConfigDict()
+    c.input.global_batch = 256
+    c.input.image_size = 224
+    c.input.crop_scale = (0.2, 1.0)
+    c.input.shuffle_buffer = 16_384  # Images (encoded), per host.
+    c.input.prefetch_batches = 2
 
-  c.model = ml_collections.ConfigDict()
-  c.model.depth = 50
-  c.model.width = 64
-  c.model.projection_dim = 128
-  c.model.compute_dtype = "auto"  # bfloat16 on TPU/GPU, float32 on CPU; parameters stay float32.
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 50
+    c.model.width = 64
+    c.model.projection_dim = 128
+    c.model.compute_dtype = "auto"  # bfloat16 on TPU/GPU, float32 on CPU; parameters stay float32.
 
-  c.moco = ml_collections.ConfigDict()
-  c.moco.queue_size = 65_536
-  c.moco.momentum = 0.999
-  c.moco.temperature = 0.02
-  c.moco.bn_groups = 1  # BN groups per device; >= 2 on a single device (shuffle BN needs two).
-  c.moco.infonce_weight = 1.0
+    c.moco = ml_collections.ConfigDict()
+    c.moco.queue_size = 65_536
+    c.moco.momentum = 0.999
+    c.moco.temperature = 0.02
+    c.moco.bn_groups = 1  # BN groups per device; >= 2 on a single device (shuffle BN needs two).
+    c.moco.infonce_weight = 1.0
 
-  c.geo = ml_collections.ConfigDict()
-  c.geo.num_clusters = 100
-  c.geo.loss_weight = 1.0
+    c.geo = ml_collections.ConfigDict()
+    c.geo.num_clusters = 100
+    c.geo.loss_weight = 1.0
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.base_lr = 0.03  # For a global batch of 256, scaled linearly.
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 1e-4
-  c.optim.num_epochs = 200
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 0.03  # For a global batch of 256, scaled linearly.
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+    c.optim.num_epochs = 200
 
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1_000
-  c.keep_checkpoints = 3
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1_000
+    c.keep_checkpoints = 3
 
-  c.linear_eval = ml_collections.ConfigDict()
-  c.linear_eval.init = "pretrained"  # "pretrained" (the workdir's latest checkpoint), a checkpoint path, or "random".
-  c.linear_eval.global_batch = 256
-  c.linear_eval.num_epochs = 100
-  c.linear_eval.base_lr = 30.0  # main_lincls.py's default (its README uses 1).
-  c.linear_eval.momentum = 0.9
-  c.linear_eval.weight_decay = 0.0
-  c.linear_eval.schedule = "step"  # "step" (x0.1 at the epochs below) or "cosine".
-  c.linear_eval.decay_epochs = (60, 80)
-  c.linear_eval.image_size = 224
-  c.linear_eval.resize_size = 224
-  c.linear_eval.cache_features = False
-  c.linear_eval.compare_random = False  # Also probe the random-init encoder, the floor (results.md: margin).
+    c.linear_eval = ml_collections.ConfigDict()
+    c.linear_eval.init = (
+        "pretrained"  # "pretrained" (the workdir's latest checkpoint), a checkpoint path, or "random".
+    )
+    c.linear_eval.global_batch = 256
+    c.linear_eval.num_epochs = 100
+    c.linear_eval.base_lr = 30.0  # main_lincls.py's default (its README uses 1).
+    c.linear_eval.momentum = 0.9
+    c.linear_eval.weight_decay = 0.0
+    c.linear_eval.schedule = "step"  # "step" (x0.1 at the epochs below) or "cosine".
+    c.linear_eval.decay_epochs = (60, 80)
+    c.linear_eval.image_size = 224
+    c.linear_eval.resize_size = 224
+    c.linear_eval.cache_features = False
+    c.linear_eval.compare_random = False  # Also probe the random-init encoder, the floor (results.md: margin).
 
-  if arg.sample:
-    _scale_to_sample(c)
-  return c
+    if arg.sample:
+        _scale_to_sample(c)
+    return c
 
 
 def _scale_to_sample(c):
-  """The bundled sample on 2 CPU cores: the same code paths, a narrow ResNet-18 at 64 px, about 5 minutes.
+    """The bundled sample on 2 CPU cores: the same code paths, a narrow ResNet-18 at 64 px, about 5 minutes.
 
-  Measured choices (pretrained vs random-init probe on the sample's val split): the authors' temperature 0.02
-  and a queue of 10-100% of the ~1,000 images collapse here (too many same-location keys in the queue act as
-  hard negatives), so the sample uses MoCo-v2's 0.2 and a 128-key queue; a 40-epoch run needs a faster key
-  encoder (momentum 0.99) and a larger learning rate; crops of at least half the image keep the object in view
-  at 64 px. With these the pretrained probe beats the random one by ~20 points of top-1.
-  """
-  c.dataset.name = "fmow/rgb_64"
-  c.dataset.generate_sample = True
-  c.input.global_batch = 64
-  c.input.image_size = 64
-  c.input.crop_scale = (0.5, 1.0)
-  c.input.shuffle_buffer = 2_048
-  c.model.depth = 18
-  c.model.width = 16
-  c.moco.queue_size = 128
-  c.moco.momentum = 0.99
-  c.moco.bn_groups = 2
-  c.moco.temperature = 0.2
-  c.geo.num_clusters = 10
-  c.optim.base_lr = 0.12
-  c.optim.num_epochs = 40
-  c.log_every_steps = 10
-  c.checkpoint_every_steps = 100
-  c.linear_eval.global_batch = 64
-  c.linear_eval.base_lr = 4.0  # lr 1.0 at batch 64.
-  c.linear_eval.num_epochs = 60
-  c.linear_eval.decay_epochs = (36, 48)
-  c.linear_eval.image_size = 64
-  c.linear_eval.resize_size = 64
-  c.linear_eval.cache_features = True
-  c.linear_eval.compare_random = True
+    Measured choices (pretrained vs random-init probe on the sample's val split): the authors' temperature 0.02
+    and a queue of 10-100% of the ~1,000 images collapse here (too many same-location keys in the queue act as
+    hard negatives), so the sample uses MoCo-v2's 0.2 and a 128-key queue; a 40-epoch run needs a faster key
+    encoder (momentum 0.99) and a larger learning rate; crops of at least half the image keep the object in view
+    at 64 px. With these the pretrained probe beats the random one by ~20 points of top-1.
+    """
+    c.dataset.name = "fmow/rgb_64"
+    c.dataset.generate_sample = True
+    c.input.global_batch = 64
+    c.input.image_size = 64
+    c.input.crop_scale = (0.5, 1.0)
+    c.input.shuffle_buffer = 2_048
+    c.model.depth = 18
+    c.model.width = 16
+    c.moco.queue_size = 128
+    c.moco.momentum = 0.99
+    c.moco.bn_groups = 2
+    c.moco.temperature = 0.2
+    c.geo.num_clusters = 10
+    c.optim.base_lr = 0.12
+    c.optim.num_epochs = 40
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 100
+    c.linear_eval.global_batch = 64
+    c.linear_eval.base_lr = 4.0  # lr 1.0 at batch 64.
+    c.linear_eval.num_epochs = 60
+    c.linear_eval.decay_epochs = (36, 48)
+    c.linear_eval.image_size = 64
+    c.linear_eval.resize_size = 64
+    c.linear_eval.cache_features = True
+    c.linear_eval.compare_random = True

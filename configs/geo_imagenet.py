@@ -14,16 +14,18 @@ from geo_contrast import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="geo", sample=False)
-  if config_lib.uses_temporal_positives(arg.variant):
-    raise ValueError(f"variant={arg.variant} needs temporal positives, but GeoImageNet has a single image per "
-                     "location (no time series); use variant=moco or variant=geo.")
-  c = fmow.get_config(f"variant={arg.variant}" + (",sample" if arg.sample else ""))
-  c.dataset.name = "geo_imagenet/s64" if arg.sample else "geo_imagenet/s256"
-  c.dataset.test_split = "test"  # GeoImageNet is split train/val only: no test split is evaluated.
-  if arg.sample:
-    c.geo.num_clusters = 6
-    c.input.global_batch = 16
-    c.moco.queue_size = 64
-    c.linear_eval.global_batch = 16
-  return c
+    arg = config_lib.parse_arg(arg, variant="geo", sample=False)
+    if config_lib.uses_temporal_positives(arg.variant):
+        raise ValueError(
+            f"variant={arg.variant} needs temporal positives, but GeoImageNet has a single image per "
+            "location (no time series); use variant=moco or variant=geo."
+        )
+    c = fmow.get_config(f"variant={arg.variant}" + (",sample" if arg.sample else ""))
+    c.dataset.name = "geo_imagenet/s64" if arg.sample else "geo_imagenet/s256"
+    c.dataset.test_split = "test"  # GeoImageNet is split train/val only: no test split is evaluated.
+    if arg.sample:
+        c.geo.num_clusters = 6
+        c.input.global_batch = 16
+        c.moco.queue_size = 64
+        c.linear_eval.global_batch = 16
+    return c

@@ -9,7 +9,7 @@ import ml_collections
 
 
 class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field and the fix."""
+    """A config value that cannot work; the message names the field and the fix."""
 
 
 # Which losses each variant turns on: (temporal positives, geo-location classification).
@@ -22,95 +22,113 @@ VARIANTS = {
 
 
 def parse_arg(arg, **defaults):
-  """Parses `'a=1,b,c=x'` into a ConfigDict over `defaults`; a bare name sets a boolean to True.
+    """Parses `'a=1,b,c=x'` into a ConfigDict over `defaults`; a bare name sets a boolean to True.
 
-  Values are cast to the type of their default, so `sample` and `sample=True` mean the same and a misspelt
-  option is an error rather than a silently ignored string.
-  """
-  result = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    name, has_value, value = item.partition("=")
-    if name not in defaults:
-      raise ValueError(f"Unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}.")
-    default = defaults[name]
-    if isinstance(default, bool):
-      result[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
-    elif not has_value:
-      raise ValueError(f"Config argument {name!r} needs a value ({name}=...).")
-    else:
-      result[name] = type(default)(value) if default is not None else value
-  return ml_collections.ConfigDict(result)
+    Values are cast to the type of their default, so `sample` and `sample=True` mean the same and a misspelt
+    option is an error rather than a silently ignored string.
+    """
+    result = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, has_value, value = item.partition("=")
+        if name not in defaults:
+            raise ValueError(f"Unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}.")
+        default = defaults[name]
+        if isinstance(default, bool):
+            result[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
+        elif not has_value:
+            raise ValueError(f"Config argument {name!r} needs a value ({name}=...).")
+        else:
+            result[name] = type(default)(value) if default is not None else value
+    return ml_collections.ConfigDict(result)
 
 
 def uses_temporal_positives(variant):
-  return _variant(variant)[0]
+    return _variant(variant)[0]
 
 
 def uses_geo_loss(variant):
-  return _variant(variant)[1]
+    return _variant(variant)[1]
 
 
 def _variant(variant):
-  if variant not in VARIANTS:
-    raise ConfigError(f"config.variant={variant!r} is not a variant; choose one of {sorted(VARIANTS)} "
-                      "(--config.variant=... or configs/fmow.py:variant=...).")
-  return VARIANTS[variant]
+    if variant not in VARIANTS:
+        raise ConfigError(
+            f"config.variant={variant!r} is not a variant; choose one of {sorted(VARIANTS)} "
+            "(--config.variant=... or configs/fmow.py:variant=...)."
+        )
+    return VARIANTS[variant]
 
 
 def validate_pretrain(config, num_devices):
-  """Refuses impossible values before any data is read or any device computes, each naming the field and
-  the fix. `num_devices` is the global device count (all processes)."""
-  _variant(config.variant)
-  if not config.dataset.name:
-    raise ConfigError("config.dataset.name is empty; use a built TFDS dataset such as fmow/rgb_256.")
-  batch = config.input.global_batch
-  if batch <= 0 or batch % num_devices:
-    raise ConfigError(
-        f"config.input.global_batch={batch} must be a positive multiple of the device count ({num_devices}); "
-        f"use e.g. --config.input.global_batch={max(num_devices, batch - batch % num_devices)}.")
-  per_device = batch // num_devices
-  groups = config.moco.bn_groups
-  if groups <= 0 or per_device % groups:
-    raise ConfigError(
-        f"config.moco.bn_groups={groups} must divide the per-device batch ({per_device} = global_batch "
-        f"{batch} / {num_devices} devices); use e.g. --config.moco.bn_groups=1.")
-  if num_devices * groups < 2:
-    raise ConfigError(
-        "Shuffle BN needs at least two BN groups in all: with one device set --config.moco.bn_groups=2 or more "
-        "(a query and its key must never share BN statistics).")
-  queue = config.moco.queue_size
-  if queue <= 0 or queue % batch:
-    raise ConfigError(
-        f"config.moco.queue_size={queue} must be a positive multiple of config.input.global_batch={batch} "
-        f"(whole batches are enqueued); use e.g. --config.moco.queue_size={max(batch, queue - queue % batch)}.")
-  if not config.moco.temperature > 0:
-    raise ConfigError(f"config.moco.temperature={config.moco.temperature} must be > 0; use e.g. "
-                      "--config.moco.temperature=0.2 (MoCo-v2; the authors' commands: 0.02).")
-  if not 0 <= config.moco.momentum < 1:
-    raise ConfigError(f"config.moco.momentum={config.moco.momentum} must be in [0, 1); MoCo uses 0.999.")
-  if uses_geo_loss(config.variant) and config.geo.num_clusters < 2:
-    raise ConfigError(f"config.geo.num_clusters={config.geo.num_clusters} must be >= 2 for variant "
-                      f"{config.variant!r}.")
-  if config.optim.num_epochs <= 0 or config.optim.base_lr <= 0:
-    raise ConfigError(f"config.optim.num_epochs={config.optim.num_epochs} and config.optim.base_lr="
-                      f"{config.optim.base_lr} must both be > 0.")
-  if not 0 < config.input.crop_scale[0] <= config.input.crop_scale[1] <= 1:
-    raise ConfigError(f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy "
-                      "0 < min <= max <= 1.")
-  if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
-    raise ConfigError(f"config.log_every_steps={config.log_every_steps} and config.checkpoint_every_steps="
-                      f"{config.checkpoint_every_steps} must both be > 0.")
+    """Refuses impossible values before any data is read or any device computes, each naming the field and
+    the fix. `num_devices` is the global device count (all processes)."""
+    _variant(config.variant)
+    if not config.dataset.name:
+        raise ConfigError("config.dataset.name is empty; use a built TFDS dataset such as fmow/rgb_256.")
+    batch = config.input.global_batch
+    if batch <= 0 or batch % num_devices:
+        raise ConfigError(
+            f"config.input.global_batch={batch} must be a positive multiple of the device count ({num_devices}); "
+            f"use e.g. --config.input.global_batch={max(num_devices, batch - batch % num_devices)}."
+        )
+    per_device = batch // num_devices
+    groups = config.moco.bn_groups
+    if groups <= 0 or per_device % groups:
+        raise ConfigError(
+            f"config.moco.bn_groups={groups} must divide the per-device batch ({per_device} = global_batch "
+            f"{batch} / {num_devices} devices); use e.g. --config.moco.bn_groups=1."
+        )
+    if num_devices * groups < 2:
+        raise ConfigError(
+            "Shuffle BN needs at least two BN groups in all: with one device set --config.moco.bn_groups=2 or more "
+            "(a query and its key must never share BN statistics)."
+        )
+    queue = config.moco.queue_size
+    if queue <= 0 or queue % batch:
+        raise ConfigError(
+            f"config.moco.queue_size={queue} must be a positive multiple of config.input.global_batch={batch} "
+            f"(whole batches are enqueued); use e.g. --config.moco.queue_size={max(batch, queue - queue % batch)}."
+        )
+    if not config.moco.temperature > 0:
+        raise ConfigError(
+            f"config.moco.temperature={config.moco.temperature} must be > 0; use e.g. "
+            "--config.moco.temperature=0.2 (MoCo-v2; the authors' commands: 0.02)."
+        )
+    if not 0 <= config.moco.momentum < 1:
+        raise ConfigError(f"config.moco.momentum={config.moco.momentum} must be in [0, 1); MoCo uses 0.999.")
+    if uses_geo_loss(config.variant) and config.geo.num_clusters < 2:
+        raise ConfigError(
+            f"config.geo.num_clusters={config.geo.num_clusters} must be >= 2 for variant {config.variant!r}."
+        )
+    if config.optim.num_epochs <= 0 or config.optim.base_lr <= 0:
+        raise ConfigError(
+            f"config.optim.num_epochs={config.optim.num_epochs} and config.optim.base_lr="
+            f"{config.optim.base_lr} must both be > 0."
+        )
+    if not 0 < config.input.crop_scale[0] <= config.input.crop_scale[1] <= 1:
+        raise ConfigError(
+            f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy 0 < min <= max <= 1."
+        )
+    if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+        raise ConfigError(
+            f"config.log_every_steps={config.log_every_steps} and config.checkpoint_every_steps="
+            f"{config.checkpoint_every_steps} must both be > 0."
+        )
 
 
 def validate_against_data(config, *, num_images, num_distinct_locations):
-  """The checks that need the training split's size (read from its location index, before any model exists)."""
-  split = f"config.dataset.train_split={config.dataset.train_split!r}"
-  batch = config.input.global_batch
-  if num_images < batch:
-    raise ConfigError(f"{split} has {num_images} images, fewer than one global batch "
-                      f"(config.input.global_batch={batch}); use a smaller batch or a larger split.")
-  clusters = config.geo.num_clusters
-  if uses_geo_loss(config.variant) and clusters > num_distinct_locations:
-    raise ConfigError(f"config.geo.num_clusters={clusters} exceeds the {num_distinct_locations} distinct "
-                      f"locations of {split}: k-means cannot form more clusters than places; use "
-                      f"--config.geo.num_clusters={num_distinct_locations} or fewer.")
+    """The checks that need the training split's size (read from its location index, before any model exists)."""
+    split = f"config.dataset.train_split={config.dataset.train_split!r}"
+    batch = config.input.global_batch
+    if num_images < batch:
+        raise ConfigError(
+            f"{split} has {num_images} images, fewer than one global batch "
+            f"(config.input.global_batch={batch}); use a smaller batch or a larger split."
+        )
+    clusters = config.geo.num_clusters
+    if uses_geo_loss(config.variant) and clusters > num_distinct_locations:
+        raise ConfigError(
+            f"config.geo.num_clusters={clusters} exceeds the {num_distinct_locations} distinct "
+            f"locations of {split}: k-means cannot form more clusters than places; use "
+            f"--config.geo.num_clusters={num_distinct_locations} or fewer."
+        )

@@ -18,30 +18,40 @@ from absl import logging
 
 
 class DistributedInitError(RuntimeError):
-  pass
+    pass
 
 
 def initialize(*, auto, coordinator_address=None, num_processes=None, process_id=None):
-  """Joins the run when `auto` or any explicit setting asks for it; returns whether it did.
+    """Joins the run when `auto` or any explicit setting asks for it; returns whether it did.
 
-  With neither, this is a single-process run and nothing happens.
-  """
-  explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-              "process_id": process_id}
-  if not auto and all(v is None for v in explicit.values()):
-    return False
-  # SIGTERM belongs to preemption.StopRequest, whose per-step vote already stops every process at the same
-  # step; JAX's own preemption notifier would be a second owner of the same signal.
-  jax.config.update("jax_enable_preemption_service", False)
-  try:
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-  except (ValueError, RuntimeError) as e:
-    given = ", ".join(f"--{k}={v}" for k, v in explicit.items() if v is not None) or "none"
-    raise DistributedInitError(
-        f"Could not join the multi-process run (explicit settings: {given}): {e}. Outside a cluster JAX "
-        "detects (Cloud TPU, SLURM, Open MPI, Kubernetes), pass --coordinator_address=HOST:PORT "
-        "--num_processes=N --process_id=I on every process, the same address and N everywhere.") from e
-  logging.info("Process %d of %d; %d local and %d global devices.", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  return True
+    With neither, this is a single-process run and nothing happens.
+    """
+    explicit = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    if not auto and all(v is None for v in explicit.values()):
+        return False
+    # SIGTERM belongs to preemption.StopRequest, whose per-step vote already stops every process at the same
+    # step; JAX's own preemption notifier would be a second owner of the same signal.
+    jax.config.update("jax_enable_preemption_service", False)
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        )
+    except (ValueError, RuntimeError) as e:
+        given = ", ".join(f"--{k}={v}" for k, v in explicit.items() if v is not None) or "none"
+        raise DistributedInitError(
+            f"Could not join the multi-process run (explicit settings: {given}): {e}. Outside a cluster JAX "
+            "detects (Cloud TPU, SLURM, Open MPI, Kubernetes), pass --coordinator_address=HOST:PORT "
+            "--num_processes=N --process_id=I on every process, the same address and N everywhere."
+        ) from e
+    logging.info(
+        "Process %d of %d; %d local and %d global devices.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True

@@ -34,180 +34,214 @@ _MAX_INT = np.iinfo(np.int64).max
 
 
 def hide_accelerators_from_tf():
-  """Keeps TensorFlow (tf.data only) off GPUs/TPUs, which belong to JAX."""
-  tf.config.set_visible_devices([], "GPU")
-  tf.config.set_visible_devices([], "TPU")
+    """Keeps TensorFlow (tf.data only) off GPUs/TPUs, which belong to JAX."""
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
 
 
 class DatasetNotFoundError(FileNotFoundError):
-  """The configured dataset is not built where the config points; the message says how to build it."""
+    """The configured dataset is not built where the config points; the message says how to build it."""
 
 
 def load_builder(name, data_dir):
-  """The prepared TFDS builder `name`, or an error that says the exact command that prepares it."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    dataset, _, config = name.partition("/")
-    where = f" --data_dir={data_dir}" if data_dir else ""
-    cfg = f" --config={config}" if config else ""
-    raise DatasetNotFoundError(
-        f"The dataset {name!r} (config.dataset.name) is not built in {builder.data_dir!r} "
-        f"(config.dataset.data_dir). Build it first:\n"
-        f"  tfds build tfds_builders/{dataset} --manual_dir=PATH_TO_RELEASE{cfg}{where}\n"
-        f"(see tfds_builders/{dataset}/README.md for the download), or point --config.dataset.data_dir at "
-        "the directory that holds it.")
-  return builder
+    """The prepared TFDS builder `name`, or an error that says the exact command that prepares it."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        dataset, _, config = name.partition("/")
+        where = f" --data_dir={data_dir}" if data_dir else ""
+        cfg = f" --config={config}" if config else ""
+        raise DatasetNotFoundError(
+            f"The dataset {name!r} (config.dataset.name) is not built in {builder.data_dir!r} "
+            f"(config.dataset.data_dir). Build it first:\n"
+            f"  tfds build tfds_builders/{dataset} --manual_dir=PATH_TO_RELEASE{cfg}{where}\n"
+            f"(see tfds_builders/{dataset}/README.md for the download), or point --config.dataset.data_dir at "
+            "the directory that holds it."
+        )
+    return builder
 
 
 @dataclasses.dataclass(frozen=True)
 class LocationIndex:
-  """Per-location facts read once from a split: where each location is and how many images it has."""
-  coordinates: np.ndarray  # [L, 2] float32, (lat, lon) degrees.
-  num_images: np.ndarray  # [L] int64.
+    """Per-location facts read once from a split: where each location is and how many images it has."""
 
-  @property
-  def num_distinct_locations(self):
-    """Distinct places: the most geo clusters k-means can form from this split."""
-    return len(np.unique(self.coordinates, axis=0))
+    coordinates: np.ndarray  # [L, 2] float32, (lat, lon) degrees.
+    num_images: np.ndarray  # [L] int64.
 
-  @property
-  def image_coordinates(self):
-    """One row per image: the paper clusters the training *images'* coordinates."""
-    return np.repeat(self.coordinates, self.num_images, axis=0)
+    @property
+    def num_distinct_locations(self):
+        """Distinct places: the most geo clusters k-means can form from this split."""
+        return len(np.unique(self.coordinates, axis=0))
+
+    @property
+    def image_coordinates(self):
+        """One row per image: the paper clusters the training *images'* coordinates."""
+        return np.repeat(self.coordinates, self.num_images, axis=0)
 
 
 def is_time_series(builder):
-  """fMoW-style datasets store a location's time series ("images"); single-image datasets (GeoImageNet) one
-  "image" per example, which this module reads as a location with one image."""
-  return "images" in builder.info.features
+    """fMoW-style datasets store a location's time series ("images"); single-image datasets (GeoImageNet) one
+    "image" per example, which this module reads as a location with one image."""
+    return "images" in builder.info.features
 
 
 def encoded_locations(builder, split, read_config=None):
-  """`split` in stored order as {"images": [T] encoded JPEGs, "coordinates", "label"}, for either schema."""
-  key = "images" if is_time_series(builder) else "image"
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={key: tfds.decode.SkipDecoding()},
-                          read_config=read_config)
-  as_series = (lambda images: images) if key == "images" else (lambda image: image[None])
-  return ds.map(lambda ex: {"images": as_series(ex[key]), "coordinates": ex["coordinates"], "label": ex["label"]})
+    """`split` in stored order as {"images": [T] encoded JPEGs, "coordinates", "label"}, for either schema."""
+    key = "images" if is_time_series(builder) else "image"
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={key: tfds.decode.SkipDecoding()}, read_config=read_config
+    )
+    as_series = (lambda images: images) if key == "images" else (lambda image: image[None])
+    return ds.map(
+        lambda ex: {"images": as_series(ex[key]), "coordinates": ex["coordinates"], "label": ex["label"]}
+    )
 
 
 def read_location_index(builder, split):
-  """Reads coordinates and image counts of every location in `split`, without decoding any image."""
-  if is_time_series(builder):
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders=tfds.decode.PartialDecoding({"coordinates": True, "timestamps": True}))
-    ds = ds.map(lambda ex: (ex["coordinates"], tf.size(ex["timestamps"], out_type=tf.int64)),
-                num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders=tfds.decode.PartialDecoding({"coordinates": True}))
-    ds = ds.map(lambda ex: (ex["coordinates"], tf.constant(1, tf.int64)))
-  coords, counts = [], []
-  for c, n in ds.batch(4096).as_numpy_iterator():
-    coords.append(c)
-    counts.append(n)
-  if not coords:
-    raise ValueError(f"Split {split!r} of {builder.info.full_name} has no locations.")
-  return LocationIndex(np.concatenate(coords).astype(np.float32), np.concatenate(counts))
+    """Reads coordinates and image counts of every location in `split`, without decoding any image."""
+    if is_time_series(builder):
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders=tfds.decode.PartialDecoding({"coordinates": True, "timestamps": True}),
+        )
+        ds = ds.map(
+            lambda ex: (ex["coordinates"], tf.size(ex["timestamps"], out_type=tf.int64)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    else:
+        ds = builder.as_dataset(
+            split=split, shuffle_files=False, decoders=tfds.decode.PartialDecoding({"coordinates": True})
+        )
+        ds = ds.map(lambda ex: (ex["coordinates"], tf.constant(1, tf.int64)))
+    coords, counts = [], []
+    for c, n in ds.batch(4096).as_numpy_iterator():
+        coords.append(c)
+        counts.append(n)
+    if not coords:
+        raise ValueError(f"Split {split!r} of {builder.info.full_name} has no locations.")
+    return LocationIndex(np.concatenate(coords).astype(np.float32), np.concatenate(counts))
 
 
 def sample_key_index(query_index, num_images, seed, temporal):
-  """The index of the key image paired with image `query_index` of a location with `num_images` images.
+    """The index of the key image paired with image `query_index` of a location with `num_images` images.
 
-  Temporal positives (the paper's TP): uniform over the location's *other* images, the query itself only
-  when the location has a single image. Otherwise the key is the query image (MoCo's two views).
-  """
-  if not temporal:
-    return query_index
-  offset = tf.random.stateless_uniform([], seed, minval=1, maxval=tf.maximum(num_images, 2), dtype=tf.int64)
-  return tf.where(num_images > 1, (query_index + offset) % num_images, query_index)
+    Temporal positives (the paper's TP): uniform over the location's *other* images, the query itself only
+    when the location has a single image. Otherwise the key is the query image (MoCo's two views).
+    """
+    if not temporal:
+        return query_index
+    offset = tf.random.stateless_uniform([], seed, minval=1, maxval=tf.maximum(num_images, 2), dtype=tf.int64)
+    return tf.where(num_images > 1, (query_index + offset) % num_images, query_index)
 
 
 def _pairs_of_epoch(locations, epoch, *, seed, temporal, shuffle_buffer):
-  """One epoch of (query JPEG, key JPEG, coordinates), shuffled over images, as a function of `epoch`."""
-  epoch_seed = seed * 1_000_003 + epoch
+    """One epoch of (query JPEG, key JPEG, coordinates), shuffled over images, as a function of `epoch`."""
+    epoch_seed = seed * 1_000_003 + epoch
 
-  def expand(location_index, ex):
-    images = ex["images"]
-    n = tf.shape(images, out_type=tf.int64)[0]
-    loc_seed = tf.random.experimental.stateless_fold_in(tf.stack([epoch_seed, 0]), location_index)
+    def expand(location_index, ex):
+        images = ex["images"]
+        n = tf.shape(images, out_type=tf.int64)[0]
+        loc_seed = tf.random.experimental.stateless_fold_in(tf.stack([epoch_seed, 0]), location_index)
 
-    def pair(t):
-      key_t = sample_key_index(t, n, tf.random.experimental.stateless_fold_in(loc_seed, t), temporal)
-      return {"query": images[t], "key": images[key_t], "coordinates": ex["coordinates"]}
+        def pair(t):
+            key_t = sample_key_index(t, n, tf.random.experimental.stateless_fold_in(loc_seed, t), temporal)
+            return {"query": images[t], "key": images[key_t], "coordinates": ex["coordinates"]}
 
-    return tf.data.Dataset.range(n).map(pair)
+        return tf.data.Dataset.range(n).map(pair)
 
-  return (locations.shuffle(max(shuffle_buffer // 8, 1), seed=epoch_seed)
-          .enumerate().flat_map(expand)
-          .shuffle(shuffle_buffer, seed=epoch_seed + 1))
+    return (
+        locations.shuffle(max(shuffle_buffer // 8, 1), seed=epoch_seed)
+        .enumerate()
+        .flat_map(expand)
+        .shuffle(shuffle_buffer, seed=epoch_seed + 1)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class HostSlice:
-  """This process's block of every global batch: the rows of its `local_devices` devices.
+    """This process's block of every global batch: the rows of its `local_devices` devices.
 
-  pmap orders the global devices process by process (process 0's local devices first), so process p owns the
-  contiguous rows [p * rows, (p + 1) * rows) of each global batch, rows = global_batch / process_count.
-  """
-  process_index: int
-  process_count: int
-  local_devices: int
+    pmap orders the global devices process by process (process 0's local devices first), so process p owns the
+    contiguous rows [p * rows, (p + 1) * rows) of each global batch, rows = global_batch / process_count.
+    """
 
-  @classmethod
-  def of_this_process(cls):
-    return cls(jax.process_index(), jax.process_count(), jax.local_device_count())
+    process_index: int
+    process_count: int
+    local_devices: int
+
+    @classmethod
+    def of_this_process(cls):
+        return cls(jax.process_index(), jax.process_count(), jax.local_device_count())
 
 
-def pretrain_dataset(builder, split, *, temporal, image_size, crop_scale, global_batch, host, seed, start_step,
-                     images_per_epoch, shuffle_buffer):
-  """Infinite batches {"query","key": [local devices, per_device, S, S, 3] float32, "coordinates"} of `host`'s
-  rows of the global batches (see the module docstring), starting at global step `start_step`.
+def pretrain_dataset(
+    builder,
+    split,
+    *,
+    temporal,
+    image_size,
+    crop_scale,
+    global_batch,
+    host,
+    seed,
+    start_step,
+    images_per_epoch,
+    shuffle_buffer,
+):
+    """Infinite batches {"query","key": [local devices, per_device, S, S, 3] float32, "coordinates"} of `host`'s
+    rows of the global batches (see the module docstring), starting at global step `start_step`.
 
-  `images_per_epoch` is the split's image count (`read_location_index(...).num_images.sum()`): the stream
-  position start_step * global_batch is reached by starting at the right epoch and skipping (not decoding)
-  the rest of it.
-  """
-  rows = global_batch // host.process_count
-  per_device = rows // host.local_devices
-  if per_device * host.local_devices * host.process_count != global_batch:
-    raise ValueError(f"global_batch={global_batch} does not split evenly over {host.process_count} processes "
-                     f"x {host.local_devices} devices.")
-  position = start_step * global_batch
-  first_epoch, skip = divmod(position, images_per_epoch)
-  locations = encoded_locations(builder, split, tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None))
+    `images_per_epoch` is the split's image count (`read_location_index(...).num_images.sum()`): the stream
+    position start_step * global_batch is reached by starting at the right epoch and skipping (not decoding)
+    the rest of it.
+    """
+    rows = global_batch // host.process_count
+    per_device = rows // host.local_devices
+    if per_device * host.local_devices * host.process_count != global_batch:
+        raise ValueError(
+            f"global_batch={global_batch} does not split evenly over {host.process_count} processes "
+            f"x {host.local_devices} devices."
+        )
+    position = start_step * global_batch
+    first_epoch, skip = divmod(position, images_per_epoch)
+    locations = encoded_locations(builder, split, tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None))
 
-  stream = tf.data.Dataset.range(first_epoch, _MAX_INT).flat_map(
-      lambda e: _pairs_of_epoch(locations, e, seed=seed, temporal=temporal, shuffle_buffer=shuffle_buffer))
-  stream = stream.skip(skip).enumerate(start=position)  # (index in the global stream, encoded pair).
-  stream = stream.filter(lambda index, ex: (index % global_batch) // rows == host.process_index)
+    stream = tf.data.Dataset.range(first_epoch, _MAX_INT).flat_map(
+        lambda e: _pairs_of_epoch(locations, e, seed=seed, temporal=temporal, shuffle_buffer=shuffle_buffer)
+    )
+    stream = stream.skip(skip).enumerate(start=position)  # (index in the global stream, encoded pair).
+    stream = stream.filter(lambda index, ex: (index % global_batch) // rows == host.process_index)
 
-  def views(index, ex):
-    seeds = tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), index), 2)
-    return {
-        "query": augment.moco_v2_view(ex["query"], seeds[0], image_size, scale=crop_scale),
-        "key": augment.moco_v2_view(ex["key"], seeds[1], image_size, scale=crop_scale),
-        "coordinates": ex["coordinates"],
-    }
+    def views(index, ex):
+        seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), index), 2
+        )
+        return {
+            "query": augment.moco_v2_view(ex["query"], seeds[0], image_size, scale=crop_scale),
+            "key": augment.moco_v2_view(ex["key"], seeds[1], image_size, scale=crop_scale),
+            "coordinates": ex["coordinates"],
+        }
 
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
-  options.autotune.ram_budget = 4 * 1024**3
-  stream = stream.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  stream = stream.batch(rows, drop_remainder=True)
-  stream = stream.map(lambda b: jax.tree.map(
-      lambda x: tf.reshape(x, [host.local_devices, per_device] + x.shape[1:].as_list()), b))
-  return stream.with_options(options).prefetch(2)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
+    options.autotune.ram_budget = 4 * 1024**3
+    stream = stream.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    stream = stream.batch(rows, drop_remainder=True)
+    stream = stream.map(
+        lambda b: jax.tree.map(
+            lambda x: tf.reshape(x, [host.local_devices, per_device] + x.shape[1:].as_list()), b
+        )
+    )
+    return stream.with_options(options).prefetch(2)
 
 
 def with_geo_labels(batches, centroids):
-  """Adds each pair's geo-cluster id (`geo_clusters.assign` of its location) to numpy batches."""
-  for batch in batches:
-    coords = batch.pop("coordinates")
-    if centroids is not None:
-      batch["geo_label"] = geo_clusters.assign(coords.reshape(-1, 2), centroids).reshape(coords.shape[:-1])
-    else:
-      batch["geo_label"] = np.zeros(coords.shape[:-1], np.int32)
-    yield batch
+    """Adds each pair's geo-cluster id (`geo_clusters.assign` of its location) to numpy batches."""
+    for batch in batches:
+        coords = batch.pop("coordinates")
+        if centroids is not None:
+            batch["geo_label"] = geo_clusters.assign(coords.reshape(-1, 2), centroids).reshape(coords.shape[:-1])
+        else:
+            batch["geo_label"] = np.zeros(coords.shape[:-1], np.int32)
+        yield batch

@@ -49,7 +49,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec

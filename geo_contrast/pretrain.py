@@ -28,7 +28,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import jax_utils

@@ -72,9 +72,18 @@ from PIL import Image
 
 from tfds_builders.fmow.fmow_format import CLASS_NAMES
 
-_SAMPLE_CLASS_NAMES = frozenset((
-    "airport", "crop_field", "office_building", "parking_lot_or_garage", "place_of_worship", "shipyard",
-    "solar_farm", "storage_tank"))
+_SAMPLE_CLASS_NAMES = frozenset(
+    (
+        "airport",
+        "crop_field",
+        "office_building",
+        "parking_lot_or_garage",
+        "place_of_worship",
+        "shipyard",
+        "solar_farm",
+        "storage_tank",
+    )
+)
 # Eight real fMoW classes, kept in CLASS_NAMES' (alphabetical) order.
 SAMPLE_CLASSES = tuple(name for name in CLASS_NAMES if name in _SAMPLE_CLASS_NAMES)
 assert len(SAMPLE_CLASSES) == len(_SAMPLE_CLASS_NAMES), "a sample class is not in CLASS_NAMES"
@@ -86,19 +95,33 @@ _JPEG_QUALITY = 80
 
 # (lat, lon, ISO 3166 alpha-3) of real places. The first five are the hard cases for coordinate code.
 _CENTRES = (
-    (-17.7, 179.5, "FJI"),   # Fiji: straddles the antimeridian.
-    (78.2, 15.6, "NOR"),     # Svalbard: high Arctic.
-    (65.7, -179.6, "RUS"),   # Chukotka: antimeridian, Arctic circle.
-    (-77.8, 166.7, "ATA"),   # McMurdo: high Antarctic.
-    (71.3, -156.8, "USA"),   # Utqiagvik: high Arctic.
-    (40.7, -74.0, "USA"), (-23.5, -46.6, "BRA"), (51.5, -0.1, "GBR"), (30.0, 31.2, "EGY"),
-    (6.5, 3.4, "NGA"), (-1.3, 36.8, "KEN"), (28.6, 77.2, "IND"), (39.9, 116.4, "CHN"),
-    (35.7, 139.7, "JPN"), (-33.9, 151.2, "AUS"), (-36.8, 174.8, "NZL"), (19.4, -99.1, "MEX"),
-    (-34.6, -58.4, "ARG"), (55.8, 37.6, "RUS"), (64.1, -21.9, "ISL"), (1.35, 103.8, "SGP"),
-    (-4.3, 15.3, "COD"), (24.7, 46.7, "SAU"), (21.3, -157.9, "USA"),
+    (-17.7, 179.5, "FJI"),  # Fiji: straddles the antimeridian.
+    (78.2, 15.6, "NOR"),  # Svalbard: high Arctic.
+    (65.7, -179.6, "RUS"),  # Chukotka: antimeridian, Arctic circle.
+    (-77.8, 166.7, "ATA"),  # McMurdo: high Antarctic.
+    (71.3, -156.8, "USA"),  # Utqiagvik: high Arctic.
+    (40.7, -74.0, "USA"),
+    (-23.5, -46.6, "BRA"),
+    (51.5, -0.1, "GBR"),
+    (30.0, 31.2, "EGY"),
+    (6.5, 3.4, "NGA"),
+    (-1.3, 36.8, "KEN"),
+    (28.6, 77.2, "IND"),
+    (39.9, 116.4, "CHN"),
+    (35.7, 139.7, "JPN"),
+    (-33.9, 151.2, "AUS"),
+    (-36.8, 174.8, "NZL"),
+    (19.4, -99.1, "MEX"),
+    (-34.6, -58.4, "ARG"),
+    (55.8, 37.6, "RUS"),
+    (64.1, -21.9, "ISL"),
+    (1.35, 103.8, "SGP"),
+    (-4.3, 15.3, "COD"),
+    (24.7, 46.7, "SAU"),
+    (21.3, -157.9, "USA"),
 )
 _SCATTER_DEG = 1.5
-_MAX_ABS_LAT = 84.0    # Where UTM ends; fMoW has nothing closer to the poles.
+_MAX_ABS_LAT = 84.0  # Where UTM ends; fMoW has nothing closer to the poles.
 _MAX_ABS_LON = 179.95  # Keeps every footprint (< 0.03 degrees wide) on one side of the antimeridian.
 
 _FIRST_DAY = datetime.date(2002, 1, 1)
@@ -107,15 +130,34 @@ _FIRST_DAY_UNIX = int(datetime.datetime.combine(_FIRST_DAY, datetime.time(), dat
 _MIN_SUN_ELEVATION = 5.0
 
 # Terrain colours (RGB in [0, 1]): forest, grass, farmland, desert, rock, built-up, snow.
-_TERRAIN_PALETTE = np.array([
-    [0.20, 0.33, 0.17], [0.42, 0.55, 0.28], [0.62, 0.57, 0.36], [0.82, 0.70, 0.48],
-    [0.50, 0.47, 0.44], [0.56, 0.56, 0.60], [0.92, 0.94, 0.97]])
+_TERRAIN_PALETTE = np.array(
+    [
+        [0.20, 0.33, 0.17],
+        [0.42, 0.55, 0.28],
+        [0.62, 0.57, 0.36],
+        [0.82, 0.70, 0.48],
+        [0.50, 0.47, 0.44],
+        [0.56, 0.56, 0.60],
+        [0.92, 0.94, 0.97],
+    ]
+)
 _SNOW = 6
 # Object and pad colours, shared by all classes: concrete, asphalt, white roof, red roof, blue roof, brick,
 # sand, dark green, grey-blue, ochre.
-_OBJECT_PALETTE = np.array([
-    [0.70, 0.70, 0.68], [0.22, 0.22, 0.24], [0.93, 0.93, 0.90], [0.66, 0.22, 0.18], [0.25, 0.40, 0.65],
-    [0.55, 0.33, 0.25], [0.85, 0.78, 0.60], [0.15, 0.35, 0.20], [0.45, 0.52, 0.60], [0.78, 0.60, 0.20]])
+_OBJECT_PALETTE = np.array(
+    [
+        [0.70, 0.70, 0.68],
+        [0.22, 0.22, 0.24],
+        [0.93, 0.93, 0.90],
+        [0.66, 0.22, 0.18],
+        [0.25, 0.40, 0.65],
+        [0.55, 0.33, 0.25],
+        [0.85, 0.78, 0.60],
+        [0.15, 0.35, 0.20],
+        [0.45, 0.52, 0.60],
+        [0.78, 0.60, 0.20],
+    ]
+)
 _MIN_LUMA_GAP = 0.25  # Shape and pad colours differ at least this much in luma, so the shape is visible.
 
 
@@ -125,64 +167,67 @@ _MIN_LUMA_GAP = 0.25  # Shape and pad colours differ at least this much in luma,
 
 @dataclasses.dataclass(frozen=True)
 class _World:
-  """Random Fourier features of the unit-sphere vector and the maps from them to terrain properties."""
-  frequencies: np.ndarray   # (K, 3)
-  phases: np.ndarray        # (K,)
-  colour_logits: np.ndarray  # (2, P, K): two terrain colours, each a softmax mixture of the palette.
-  scale_weights: np.ndarray  # (K,)
-  contrast_weights: np.ndarray  # (K,)
+    """Random Fourier features of the unit-sphere vector and the maps from them to terrain properties."""
+
+    frequencies: np.ndarray  # (K, 3)
+    phases: np.ndarray  # (K,)
+    colour_logits: np.ndarray  # (2, P, K): two terrain colours, each a softmax mixture of the palette.
+    scale_weights: np.ndarray  # (K,)
+    contrast_weights: np.ndarray  # (K,)
 
 
 def _make_world(num_features=8, rng_seed=20211011):
-  """The synthetic world, fixed for every seed so that a place always looks the same."""
-  rng = np.random.default_rng(rng_seed)
-  return _World(
-      frequencies=rng.normal(0.0, 2.0, (num_features, 3)),
-      phases=rng.uniform(0.0, 2 * np.pi, num_features),
-      colour_logits=rng.normal(0.0, 1.6, (2, len(_TERRAIN_PALETTE), num_features)),
-      scale_weights=rng.normal(0.0, 1.0, num_features),
-      contrast_weights=rng.normal(0.0, 1.0, num_features))
+    """The synthetic world, fixed for every seed so that a place always looks the same."""
+    rng = np.random.default_rng(rng_seed)
+    return _World(
+        frequencies=rng.normal(0.0, 2.0, (num_features, 3)),
+        phases=rng.uniform(0.0, 2 * np.pi, num_features),
+        colour_logits=rng.normal(0.0, 1.6, (2, len(_TERRAIN_PALETTE), num_features)),
+        scale_weights=rng.normal(0.0, 1.0, num_features),
+        contrast_weights=rng.normal(0.0, 1.0, num_features),
+    )
 
 
 _WORLD = _make_world()
 
 
 def _unit_vector(lat, lon):
-  """Unit-sphere xyz of a place: continuous across the antimeridian, unlike (lat, lon)."""
-  lat, lon = np.radians(lat), np.radians(lon)
-  return np.array([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)])
+    """Unit-sphere xyz of a place: continuous across the antimeridian, unlike (lat, lon)."""
+    lat, lon = np.radians(lat), np.radians(lon)
+    return np.array([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)])
 
 
 def _softmax(x):
-  e = np.exp(x - x.max())
-  return e / e.sum()
+    e = np.exp(x - x.max())
+    return e / e.sum()
 
 
 def _sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-x))
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 @dataclasses.dataclass(frozen=True)
 class _TerrainStyle:
-  colours: np.ndarray  # (2, 3): the two ground colours mixed by the texture.
-  cells: float         # Texture cells across the canvas: large = fine texture.
-  contrast: float      # How strongly the two colours separate.
+    colours: np.ndarray  # (2, 3): the two ground colours mixed by the texture.
+    cells: float  # Texture cells across the canvas: large = fine texture.
+    contrast: float  # How strongly the two colours separate.
 
 
 def _terrain_style(lat, lon, world=_WORLD):
-  """Ground colours and texture of a place, smooth over the sphere; snow takes over beyond ~70 degrees."""
-  xyz = _unit_vector(lat, lon)
-  features = np.sin(world.frequencies @ xyz + world.phases)
-  snow_logit = 12.0 * (xyz[2] ** 2 - 0.85)  # z^2 is smooth at the equator and grows towards both poles.
-  colours = []
-  for logits in world.colour_logits:
-    logits = logits @ features
-    logits[_SNOW] = snow_logit
-    colours.append(_softmax(logits) @ _TERRAIN_PALETTE)
-  return _TerrainStyle(
-      colours=np.stack(colours),
-      cells=3.0 + 9.0 * _sigmoid(2.0 * world.scale_weights @ features),
-      contrast=0.4 + 0.6 * _sigmoid(2.0 * world.contrast_weights @ features))
+    """Ground colours and texture of a place, smooth over the sphere; snow takes over beyond ~70 degrees."""
+    xyz = _unit_vector(lat, lon)
+    features = np.sin(world.frequencies @ xyz + world.phases)
+    snow_logit = 12.0 * (xyz[2] ** 2 - 0.85)  # z^2 is smooth at the equator and grows towards both poles.
+    colours = []
+    for logits in world.colour_logits:
+        logits = logits @ features
+        logits[_SNOW] = snow_logit
+        colours.append(_softmax(logits) @ _TERRAIN_PALETTE)
+    return _TerrainStyle(
+        colours=np.stack(colours),
+        cells=3.0 + 9.0 * _sigmoid(2.0 * world.scale_weights @ features),
+        contrast=0.4 + 0.6 * _sigmoid(2.0 * world.contrast_weights @ features),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,62 +235,62 @@ def _terrain_style(lat, lon, world=_WORLD):
 
 
 def _solar_declination_deg(day_of_year):
-  return -23.44 * np.cos(2 * np.pi * (day_of_year + 10) / 365.25)
+    return -23.44 * np.cos(2 * np.pi * (day_of_year + 10) / 365.25)
 
 
 def _solar_elevation_deg(lat, day_of_year, local_hour):
-  """Sun elevation from the declination and hour angle (no equation of time: a degree does not matter)."""
-  decl = np.radians(_solar_declination_deg(day_of_year))
-  hour_angle = np.radians(15.0 * (local_hour - 12.0))
-  lat = np.radians(lat)
-  sin_el = np.sin(lat) * np.sin(decl) + np.cos(lat) * np.cos(decl) * np.cos(hour_angle)
-  return np.degrees(np.arcsin(sin_el))
+    """Sun elevation from the declination and hour angle (no equation of time: a degree does not matter)."""
+    decl = np.radians(_solar_declination_deg(day_of_year))
+    hour_angle = np.radians(15.0 * (local_hour - 12.0))
+    lat = np.radians(lat)
+    sin_el = np.sin(lat) * np.sin(decl) + np.cos(lat) * np.cos(decl) * np.cos(hour_angle)
+    return np.degrees(np.arcsin(sin_el))
 
 
 def _solar_azimuth_deg(lat, day_of_year, local_hour):
-  """Sun azimuth (degrees clockwise from north) before noon, from the spherical triangle pole-zenith-sun."""
-  decl = np.radians(_solar_declination_deg(day_of_year))
-  el = np.radians(_solar_elevation_deg(lat, day_of_year, local_hour))
-  lat = np.radians(lat)
-  cos_az = (np.sin(decl) - np.sin(el) * np.sin(lat)) / (np.cos(el) * np.cos(lat))
-  azimuth = np.degrees(np.arccos(np.clip(cos_az, -1.0, 1.0)))
-  return np.where(local_hour <= 12.0, azimuth, 360.0 - azimuth)
+    """Sun azimuth (degrees clockwise from north) before noon, from the spherical triangle pole-zenith-sun."""
+    decl = np.radians(_solar_declination_deg(day_of_year))
+    el = np.radians(_solar_elevation_deg(lat, day_of_year, local_hour))
+    lat = np.radians(lat)
+    cos_az = (np.sin(decl) - np.sin(el) * np.sin(lat)) / (np.cos(el) * np.cos(lat))
+    azimuth = np.degrees(np.arccos(np.clip(cos_az, -1.0, 1.0)))
+    return np.where(local_hour <= 12.0, azimuth, 360.0 - azimuth)
 
 
 def _summer_strength(lat, day_of_year):
-  """+1 at the local summer solstice, -1 at the winter one, 0 at the equinoxes and on the equator."""
-  return np.sign(lat) * _solar_declination_deg(day_of_year) / 23.44
+    """+1 at the local summer solstice, -1 at the winter one, 0 at the equinoxes and on the equator."""
+    return np.sign(lat) * _solar_declination_deg(day_of_year) / 23.44
 
 
 def _utm_zone(lat, lon):
-  """Standard UTM zone number + latitude band (no Norway/Svalbard exceptions); polar caps are UPS A/B/Y/Z."""
-  if lat < -80:
-    return "A" if lon < 0 else "B"
-  if lat >= 84:
-    return "Y" if lon < 0 else "Z"
-  zone = min(int((lon + 180) // 6) + 1, 60)
-  band = "CDEFGHJKLMNPQRSTUVWX"[min(int((lat + 80) // 8), 19)]
-  return f"{zone}{band}"
+    """Standard UTM zone number + latitude band (no Norway/Svalbard exceptions); polar caps are UPS A/B/Y/Z."""
+    if lat < -80:
+        return "A" if lon < 0 else "B"
+    if lat >= 84:
+        return "Y" if lon < 0 else "Z"
+    zone = min(int((lon + 180) // 6) + 1, 60)
+    band = "CDEFGHJKLMNPQRSTUVWX"[min(int((lat + 80) // 8), 19)]
+    return f"{zone}{band}"
 
 
 def _metres_per_degree(lat):
-  """(metres per degree of longitude, per degree of latitude) near `lat`."""
-  return 111_320.0 * np.cos(np.radians(lat)), 110_540.0
+    """(metres per degree of longitude, per degree of latitude) near `lat`."""
+    return 111_320.0 * np.cos(np.radians(lat)), 110_540.0
 
 
 def _footprint_wkt(lat, lon, width, height, gsd, centre_xy):
-  """WKT polygon (lon lat, counter-clockwise) of a north-up image whose pixel `centre_xy` lies at (lat, lon)."""
-  m_lon, m_lat = _metres_per_degree(lat)
-  west = lon - centre_xy[0] * gsd / m_lon
-  east = west + width * gsd / m_lon
-  north = lat + centre_xy[1] * gsd / m_lat
-  south = north - height * gsd / m_lat
-  corners = [(west, south), (east, south), (east, north), (west, north), (west, south)]
-  return "POLYGON ((" + ", ".join(f"{x:.6f} {y:.6f}" for x, y in corners) + "))"
+    """WKT polygon (lon lat, counter-clockwise) of a north-up image whose pixel `centre_xy` lies at (lat, lon)."""
+    m_lon, m_lat = _metres_per_degree(lat)
+    west = lon - centre_xy[0] * gsd / m_lon
+    east = west + width * gsd / m_lon
+    north = lat + centre_xy[1] * gsd / m_lat
+    south = north - height * gsd / m_lat
+    corners = [(west, south), (east, south), (east, north), (west, north), (west, south)]
+    return "POLYGON ((" + ", ".join(f"{x:.6f} {y:.6f}" for x, y in corners) + "))"
 
 
 def _wrap_lon(lon):
-  return (lon + 180.0) % 360.0 - 180.0
+    return (lon + 180.0) % 360.0 - 180.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,60 +301,71 @@ _BAR = 1 - np.sqrt(0.5)  # Bar width giving a cross or an L of area 0.5.
 
 
 def _cross(u, v):
-  return (np.abs(u) < _BAR / 2) | (np.abs(v) < _BAR / 2)
+    return (np.abs(u) < _BAR / 2) | (np.abs(v) < _BAR / 2)
 
 
 def _stripes(u, v):
-  return np.mod((v + 0.5) * 4, 1.0) < 0.5
+    return np.mod((v + 0.5) * 4, 1.0) < 0.5
 
 
 def _concentric_squares(u, v):
-  m = np.maximum(np.abs(u), np.abs(v))
-  return (m > 0.4) | ((m > 0.14) & (m < 0.27))
+    m = np.maximum(np.abs(u), np.abs(v))
+    return (m > 0.4) | ((m > 0.14) & (m < 0.27))
 
 
 def _checkerboard(u, v):
-  return (np.floor((u + 0.5) * 3) + np.floor((v + 0.5) * 3)) % 2 == 0
+    return (np.floor((u + 0.5) * 3) + np.floor((v + 0.5) * 3)) % 2 == 0
 
 
 def _triangle(u, v):
-  return np.abs(u) <= (v + 0.5) / 2
+    return np.abs(u) <= (v + 0.5) / 2
 
 
 def _l_shape(u, v):
-  return (u < -0.5 + _BAR) | (v > 0.5 - _BAR)
+    return (u < -0.5 + _BAR) | (v > 0.5 - _BAR)
 
 
 def _dots(u, v):
-  cu = np.mod((u + 0.5) * 4, 1.0) - 0.5
-  cv = np.mod((v + 0.5) * 4, 1.0) - 0.5
-  return cu ** 2 + cv ** 2 < 0.399 ** 2
+    cu = np.mod((u + 0.5) * 4, 1.0) - 0.5
+    cv = np.mod((v + 0.5) * 4, 1.0) - 0.5
+    return cu**2 + cv**2 < 0.399**2
 
 
 def _ring(u, v):
-  r2 = u ** 2 + v ** 2
-  return (r2 > 0.30 ** 2) & (r2 <= 0.25)
+    r2 = u**2 + v**2
+    return (r2 > 0.30**2) & (r2 <= 0.25)
 
 
 # Ordered so that SAMPLE_CLASSES get fitting pictures: airport/cross (runways), crop_field/stripes,
 # office_building/concentric squares, parking_lot/checkerboard, place_of_worship/triangle, shipyard/L (dock),
 # solar_farm/dots (panels), storage_tank/ring. None is the horizontal mirror of another (flip augmentation).
 _SHAPES: tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
-    _cross, _stripes, _concentric_squares, _checkerboard, _triangle, _l_shape, _dots, _ring)
+    _cross,
+    _stripes,
+    _concentric_squares,
+    _checkerboard,
+    _triangle,
+    _l_shape,
+    _dots,
+    _ring,
+)
 
 _SHAPE_INSET = 0.85  # The shape fits in 85% of the box, so a rotation of up to ~12 degrees stays inside it.
 _SUPERSAMPLE = 2
 
 
 def _shape_alpha(shape, width, height, rotation_deg):
-  """Anti-aliased coverage (height, width) in [0, 1] of `shape` rotated by `rotation_deg` inside a box."""
-  n = _SUPERSAMPLE
-  v, u = np.meshgrid((np.arange(height * n) + 0.5) / (height * n) - 0.5,
-                     (np.arange(width * n) + 0.5) / (width * n) - 0.5, indexing="ij")
-  c, s = np.cos(np.radians(rotation_deg)), np.sin(np.radians(rotation_deg))
-  ur, vr = (c * u + s * v) / _SHAPE_INSET, (-s * u + c * v) / _SHAPE_INSET
-  inside = (np.abs(ur) <= 0.5) & (np.abs(vr) <= 0.5) & shape(ur, vr)
-  return inside.reshape(height, n, width, n).mean(axis=(1, 3))
+    """Anti-aliased coverage (height, width) in [0, 1] of `shape` rotated by `rotation_deg` inside a box."""
+    n = _SUPERSAMPLE
+    v, u = np.meshgrid(
+        (np.arange(height * n) + 0.5) / (height * n) - 0.5,
+        (np.arange(width * n) + 0.5) / (width * n) - 0.5,
+        indexing="ij",
+    )
+    c, s = np.cos(np.radians(rotation_deg)), np.sin(np.radians(rotation_deg))
+    ur, vr = (c * u + s * v) / _SHAPE_INSET, (-s * u + c * v) / _SHAPE_INSET
+    inside = (np.abs(ur) <= 0.5) & (np.abs(vr) <= 0.5) & shape(ur, vr)
+    return inside.reshape(height, n, width, n).mean(axis=(1, 3))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,57 +374,58 @@ def _shape_alpha(shape, width, height, rotation_deg):
 
 @dataclasses.dataclass(frozen=True)
 class _ImagePlan:
-  t: int
-  timestamp: int  # Unix seconds, UTC.
-  width: int
-  height: int
-  box: tuple[int, int, int, int]  # x, y, w, h
-  rotation_deg: float
-  colours: np.ndarray  # (2, 3): shape colour, pad colour.
-  gsd: float
-  sun_elevation_deg: float
-  summer: float
-  contrast: float
-  cloud_target: float  # Fraction of the image to cover with clouds.
-  sun_azimuth_deg: float
-  off_nadir_deg: float
-  target_azimuth_deg: float
-  scan_direction: str
-  noise_seed: int      # For the pixel noise (clouds, grain) of this image.
+    t: int
+    timestamp: int  # Unix seconds, UTC.
+    width: int
+    height: int
+    box: tuple[int, int, int, int]  # x, y, w, h
+    rotation_deg: float
+    colours: np.ndarray  # (2, 3): shape colour, pad colour.
+    gsd: float
+    sun_elevation_deg: float
+    summer: float
+    contrast: float
+    cloud_target: float  # Fraction of the image to cover with clouds.
+    sun_azimuth_deg: float
+    off_nadir_deg: float
+    target_azimuth_deg: float
+    scan_direction: str
+    noise_seed: int  # For the pixel noise (clouds, grain) of this image.
 
 
 @dataclasses.dataclass(frozen=True)
 class _LocationPlan:
-  split: str
-  category: str
-  index: int  # The `<loc>` of `<category>_<loc>`, counted per split and category.
-  lat: float
-  lon: float
-  country_code: str
-  terrain_seed: int  # Seeds each of its images' ground texture (drawn per image from the place's style).
-  images: tuple[_ImagePlan, ...]
+    split: str
+    category: str
+    index: int  # The `<loc>` of `<category>_<loc>`, counted per split and category.
+    lat: float
+    lon: float
+    country_code: str
+    terrain_seed: int  # Seeds each of its images' ground texture (drawn per image from the place's style).
+    images: tuple[_ImagePlan, ...]
 
 
 def _luma(rgb):
-  return rgb @ np.array([0.299, 0.587, 0.114])
+    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 def _colour_pairs():
-  """All ordered (shape, pad) palette pairs that differ enough in luma; symmetric, hence exchangeable."""
-  luma = _luma(_OBJECT_PALETTE)
-  return np.array([(a, b) for a in range(len(luma)) for b in range(len(luma))
-                   if abs(luma[a] - luma[b]) >= _MIN_LUMA_GAP])
+    """All ordered (shape, pad) palette pairs that differ enough in luma; symmetric, hence exchangeable."""
+    luma = _luma(_OBJECT_PALETTE)
+    return np.array(
+        [(a, b) for a in range(len(luma)) for b in range(len(luma)) if abs(luma[a] - luma[b]) >= _MIN_LUMA_GAP]
+    )
 
 
 _COLOUR_PAIRS = _colour_pairs()
 
 
 def _scatter(rng, centre_lat, centre_lon):
-  """A point within 2 x _SCATTER_DEG (on the ground, per axis) of a centre, where every footprint is valid."""
-  d_north, d_east = np.clip(rng.normal(0.0, _SCATTER_DEG, 2), -2 * _SCATTER_DEG, 2 * _SCATTER_DEG)
-  lat = float(np.clip(centre_lat + d_north, -_MAX_ABS_LAT, _MAX_ABS_LAT))
-  lon = _wrap_lon(centre_lon + d_east / np.cos(np.radians(lat)))
-  return lat, float(np.clip(lon, -_MAX_ABS_LON, _MAX_ABS_LON))
+    """A point within 2 x _SCATTER_DEG (on the ground, per axis) of a centre, where every footprint is valid."""
+    d_north, d_east = np.clip(rng.normal(0.0, _SCATTER_DEG, 2), -2 * _SCATTER_DEG, 2 * _SCATTER_DEG)
+    lat = float(np.clip(centre_lat + d_north, -_MAX_ABS_LAT, _MAX_ABS_LAT))
+    lon = _wrap_lon(centre_lon + d_east / np.cos(np.radians(lat)))
+    return lat, float(np.clip(lon, -_MAX_ABS_LON, _MAX_ABS_LON))
 
 
 _DAYS = np.arange((_LAST_DAY - _FIRST_DAY).days + 1)  # Day numbers since _FIRST_DAY ...
@@ -377,70 +434,85 @@ _DAY_OF_YEAR = (_DATES - _DATES.astype("datetime64[Y]")).astype(np.int64) + 1  #
 
 
 def _sunlit_days(lat, local_hour):
-  """Day numbers since _FIRST_DAY (and their day of year) when the sun stands high enough at `local_hour`."""
-  ok = _solar_elevation_deg(lat, _DAY_OF_YEAR, local_hour) >= _MIN_SUN_ELEVATION
-  return _DAYS[ok], _DAY_OF_YEAR[ok]
+    """Day numbers since _FIRST_DAY (and their day of year) when the sun stands high enough at `local_hour`."""
+    ok = _solar_elevation_deg(lat, _DAY_OF_YEAR, local_hour) >= _MIN_SUN_ELEVATION
+    return _DAYS[ok], _DAY_OF_YEAR[ok]
 
 
 _LOCAL_HOUR = 10.5  # Sun-synchronous imaging satellites pass at about 10:30 local solar time.
 
 
 def _plan_times(rng, lat, lon, n):
-  """n distinct sunlit imaging times, in file-index order: never sorted by time when n > 1."""
-  days, day_of_year = _sunlit_days(lat, _LOCAL_HOUR)
-  pick = rng.choice(len(days), size=n, replace=False)
-  if n > 1 and np.all(np.diff(days[pick]) > 0):
-    pick[[0, 1]] = pick[[1, 0]]
-  local_hour = _LOCAL_HOUR + np.clip(rng.normal(0.0, 0.3, n), -0.8, 0.8)
-  timestamps = _FIRST_DAY_UNIX + days[pick] * 86_400 + np.round((local_hour - lon / 15.0) * 3600)
-  return timestamps.astype(np.int64), day_of_year[pick], local_hour
+    """n distinct sunlit imaging times, in file-index order: never sorted by time when n > 1."""
+    days, day_of_year = _sunlit_days(lat, _LOCAL_HOUR)
+    pick = rng.choice(len(days), size=n, replace=False)
+    if n > 1 and np.all(np.diff(days[pick]) > 0):
+        pick[[0, 1]] = pick[[1, 0]]
+    local_hour = _LOCAL_HOUR + np.clip(rng.normal(0.0, 0.3, n), -0.8, 0.8)
+    timestamps = _FIRST_DAY_UNIX + days[pick] * 86_400 + np.round((local_hour - lon / 15.0) * 3600)
+    return timestamps.astype(np.int64), day_of_year[pick], local_hour
 
 
 def _plan_box(rng, width, height, side_fraction, aspect):
-  """A box of `side_fraction` of the shorter side, centred with 0.75 box sides of margin where possible."""
-  side = side_fraction * min(width, height)
-  w = int(round(np.clip(side * np.sqrt(aspect), 8, width)))
-  h = int(round(np.clip(side / np.sqrt(aspect), 8, height)))
-  margin = 0.75 * max(w, h)
-  cx = rng.uniform(margin, width - margin) if width > 2 * margin else width / 2
-  cy = rng.uniform(margin, height - margin) if height > 2 * margin else height / 2
-  x = int(np.clip(round(cx - w / 2), 0, width - w))
-  y = int(np.clip(round(cy - h / 2), 0, height - h))
-  return x, y, w, h
+    """A box of `side_fraction` of the shorter side, centred with 0.75 box sides of margin where possible."""
+    side = side_fraction * min(width, height)
+    w = int(round(np.clip(side * np.sqrt(aspect), 8, width)))
+    h = int(round(np.clip(side / np.sqrt(aspect), 8, height)))
+    margin = 0.75 * max(w, h)
+    cx = rng.uniform(margin, width - margin) if width > 2 * margin else width / 2
+    cy = rng.uniform(margin, height - margin) if height > 2 * margin else height / 2
+    x = int(np.clip(round(cx - w / 2), 0, width - w))
+    y = int(np.clip(round(cy - h / 2), 0, height - h))
+    return x, y, w, h
 
 
 def _plan_location(seed, split, loc_index, category, category_index, size_range):
-  """Every random choice for location `loc_index` of `split`, from its own stream (seed, split, index)."""
-  rng = np.random.default_rng([seed, _SPLITS.index(split), loc_index])
-  centre_lat, centre_lon, country = _CENTRES[loc_index % len(_CENTRES)]
-  lat, lon = _scatter(rng, centre_lat, centre_lon)
-  n = int(rng.integers(1, _MAX_IMAGES_PER_LOCATION + 1))
-  timestamps, day_of_year, local_hour = _plan_times(rng, lat, lon, n)
-  object_metres = rng.uniform(30.0, 70.0)
-  side_fraction, aspect = rng.uniform(0.46, 0.56), np.exp(rng.uniform(-0.12, 0.12))
-  base_rotation = rng.uniform(-7.0, 7.0)
-  images = []
-  for t in range(n):
-    width = int(rng.integers(size_range[0], size_range[1] + 1))
-    height = int(np.clip(round(width * np.exp(rng.uniform(-0.15, 0.15))), *size_range))
-    fraction = np.clip(side_fraction * np.exp(rng.uniform(-0.1, 0.1)), 0.42, 0.6)
-    box = _plan_box(rng, width, height, fraction, aspect)
-    images.append(_ImagePlan(
-        t=t, timestamp=int(timestamps[t]), width=width, height=height, box=box,
-        rotation_deg=float(np.clip(base_rotation + rng.normal(0.0, 2.5), -12.0, 12.0)),
-        colours=_OBJECT_PALETTE[_COLOUR_PAIRS[rng.integers(len(_COLOUR_PAIRS))]],
-        gsd=float(np.clip(object_metres / np.sqrt(box[2] * box[3]), 0.3, 2.0)),
-        sun_elevation_deg=float(_solar_elevation_deg(lat, day_of_year[t], local_hour[t])),
-        summer=float(_summer_strength(lat, day_of_year[t])),
-        contrast=float(rng.uniform(0.8, 1.15)),
-        cloud_target=0.0 if rng.random() < 0.5 else float(rng.uniform(0.03, 0.45)),
-        sun_azimuth_deg=float(_solar_azimuth_deg(lat, day_of_year[t], local_hour[t])),
-        off_nadir_deg=float(rng.uniform(0.0, 35.0)),
-        target_azimuth_deg=float(rng.uniform(0.0, 360.0)),
-        scan_direction="Forward" if rng.random() < 0.5 else "Reverse",
-        noise_seed=int(rng.integers(2 ** 31))))
-  return _LocationPlan(split=split, category=category, index=category_index, lat=lat, lon=lon,
-                       country_code=country, terrain_seed=int(rng.integers(2 ** 31)), images=tuple(images))
+    """Every random choice for location `loc_index` of `split`, from its own stream (seed, split, index)."""
+    rng = np.random.default_rng([seed, _SPLITS.index(split), loc_index])
+    centre_lat, centre_lon, country = _CENTRES[loc_index % len(_CENTRES)]
+    lat, lon = _scatter(rng, centre_lat, centre_lon)
+    n = int(rng.integers(1, _MAX_IMAGES_PER_LOCATION + 1))
+    timestamps, day_of_year, local_hour = _plan_times(rng, lat, lon, n)
+    object_metres = rng.uniform(30.0, 70.0)
+    side_fraction, aspect = rng.uniform(0.46, 0.56), np.exp(rng.uniform(-0.12, 0.12))
+    base_rotation = rng.uniform(-7.0, 7.0)
+    images = []
+    for t in range(n):
+        width = int(rng.integers(size_range[0], size_range[1] + 1))
+        height = int(np.clip(round(width * np.exp(rng.uniform(-0.15, 0.15))), *size_range))
+        fraction = np.clip(side_fraction * np.exp(rng.uniform(-0.1, 0.1)), 0.42, 0.6)
+        box = _plan_box(rng, width, height, fraction, aspect)
+        images.append(
+            _ImagePlan(
+                t=t,
+                timestamp=int(timestamps[t]),
+                width=width,
+                height=height,
+                box=box,
+                rotation_deg=float(np.clip(base_rotation + rng.normal(0.0, 2.5), -12.0, 12.0)),
+                colours=_OBJECT_PALETTE[_COLOUR_PAIRS[rng.integers(len(_COLOUR_PAIRS))]],
+                gsd=float(np.clip(object_metres / np.sqrt(box[2] * box[3]), 0.3, 2.0)),
+                sun_elevation_deg=float(_solar_elevation_deg(lat, day_of_year[t], local_hour[t])),
+                summer=float(_summer_strength(lat, day_of_year[t])),
+                contrast=float(rng.uniform(0.8, 1.15)),
+                cloud_target=0.0 if rng.random() < 0.5 else float(rng.uniform(0.03, 0.45)),
+                sun_azimuth_deg=float(_solar_azimuth_deg(lat, day_of_year[t], local_hour[t])),
+                off_nadir_deg=float(rng.uniform(0.0, 35.0)),
+                target_azimuth_deg=float(rng.uniform(0.0, 360.0)),
+                scan_direction="Forward" if rng.random() < 0.5 else "Reverse",
+                noise_seed=int(rng.integers(2**31)),
+            )
+        )
+    return _LocationPlan(
+        split=split,
+        category=category,
+        index=category_index,
+        lat=lat,
+        lon=lon,
+        country_code=country,
+        terrain_seed=int(rng.integers(2**31)),
+        images=tuple(images),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,66 +520,66 @@ def _plan_location(seed, split, loc_index, category, category_index, size_range)
 
 
 def _smooth_noise(rng, cells, height, width):
-  """Zero-mean, unit-variance noise varying over ~`cells` blobs across the larger side (bicubic upsampling)."""
-  grid = max(2, int(round(cells)))
-  low = rng.normal(0.0, 1.0, (grid + 1, grid + 1)).astype(np.float32)
-  field = np.asarray(Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC))
-  return (field - field.mean()) / (field.std() + 1e-6)
+    """Zero-mean, unit-variance noise varying over ~`cells` blobs across the larger side (bicubic upsampling)."""
+    grid = max(2, int(round(cells)))
+    low = rng.normal(0.0, 1.0, (grid + 1, grid + 1)).astype(np.float32)
+    field = np.asarray(Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC))
+    return (field - field.mean()) / (field.std() + 1e-6)
 
 
 def _terrain_canvas(rng, style, size):
-  """The ground around one location, (3, size, size): two colours mixed by coarse noise, with fine grain.
+    """The ground around one location, (3, size, size): two colours mixed by coarse noise, with fine grain.
 
-  Pixels are channel-first throughout rendering: numpy broadcasts a per-channel colour over a (3, H, W)
-  array several times faster than over (H, W, 3).
-  """
-  coarse = _smooth_noise(rng, style.cells, size, size)
-  fine = _smooth_noise(rng, 4 * style.cells, size, size)
-  mix = _sigmoid(np.float32(3.0 * style.contrast) * coarse)
-  colours = (style.colours + rng.normal(0.0, 0.03, style.colours.shape)).astype(np.float32)  # Own shade.
-  ground = colours[0][:, None, None] + (colours[1] - colours[0])[:, None, None] * mix
-  return ground * (1 + np.float32(0.12 * style.contrast) * fine)
+    Pixels are channel-first throughout rendering: numpy broadcasts a per-channel colour over a (3, H, W)
+    array several times faster than over (H, W, 3).
+    """
+    coarse = _smooth_noise(rng, style.cells, size, size)
+    fine = _smooth_noise(rng, 4 * style.cells, size, size)
+    mix = _sigmoid(np.float32(3.0 * style.contrast) * coarse)
+    colours = (style.colours + rng.normal(0.0, 0.03, style.colours.shape)).astype(np.float32)  # Own shade.
+    ground = colours[0][:, None, None] + (colours[1] - colours[0])[:, None, None] * mix
+    return ground * (1 + np.float32(0.12 * style.contrast) * fine)
 
 
 def _channels(rgb):
-  """A colour (3,) as float32 (3, 1, 1), to broadcast over channel-first pixels."""
-  return np.asarray(rgb, np.float32)[:, None, None]
+    """A colour (3,) as float32 (3, 1, 1), to broadcast over channel-first pixels."""
+    return np.asarray(rgb, np.float32)[:, None, None]
 
 
 def _render(plan, canvas, lat, shape):
-  """One image (3, height, width) in [0, 1] (float32) and the fraction of it under clouds.
+    """One image (3, height, width) in [0, 1] (float32) and the fraction of it under clouds.
 
-  `canvas` is this image's ground (`_terrain_canvas`), its centre put under the box centre.
-  """
-  rng = np.random.default_rng(plan.noise_seed)
-  x, y, w, h = plan.box
-  half = canvas.shape[1] // 2
-  top, left = half - (y + h // 2), half - (x + w // 2)
-  image = canvas[:, top:top + plan.height, left:left + plan.width]
+    `canvas` is this image's ground (`_terrain_canvas`), its centre put under the box centre.
+    """
+    rng = np.random.default_rng(plan.noise_seed)
+    x, y, w, h = plan.box
+    half = canvas.shape[1] // 2
+    top, left = half - (y + h // 2), half - (x + w // 2)
+    image = canvas[:, top : top + plan.height, left : left + plan.width]
 
-  snow = np.clip(-plan.summer, 0, 1) * np.clip((abs(lat) - 45.0) / 25.0, 0, 1) * 0.6
-  image = image * np.float32(1 - snow) + _channels(_TERRAIN_PALETTE[_SNOW] * snow)
+    snow = np.clip(-plan.summer, 0, 1) * np.clip((abs(lat) - 45.0) / 25.0, 0, 1) * 0.6
+    image = image * np.float32(1 - snow) + _channels(_TERRAIN_PALETTE[_SNOW] * snow)
 
-  shape_colour, pad_colour = _channels(plan.colours[0]), _channels(plan.colours[1])
-  alpha = (0.95 * _shape_alpha(shape, w, h, plan.rotation_deg)).astype(np.float32)
-  pad = np.float32(0.1) * image[:, y:y + h, x:x + w] + np.float32(0.9) * pad_colour
-  image[:, y:y + h, x:x + w] = pad + alpha * (shape_colour - pad)
+    shape_colour, pad_colour = _channels(plan.colours[0]), _channels(plan.colours[1])
+    alpha = (0.95 * _shape_alpha(shape, w, h, plan.rotation_deg)).astype(np.float32)
+    pad = np.float32(0.1) * image[:, y : y + h, x : x + w] + np.float32(0.9) * pad_colour
+    image[:, y : y + h, x : x + w] = pad + alpha * (shape_colour - pad)
 
-  # Illumination as one affine map per channel: contrast around the ground's mean colour, sun gain, tint.
-  gain = 0.6 + 0.5 * np.sqrt(np.sin(np.radians(max(plan.sun_elevation_deg, 0.0))))
-  mean = canvas[:, ::8, ::8].mean(axis=(1, 2))
-  offset = (1 - plan.contrast) * gain * mean + plan.summer * np.array([0.03, 0.04, -0.03])
-  image = image * np.float32(plan.contrast * gain) + _channels(offset)
+    # Illumination as one affine map per channel: contrast around the ground's mean colour, sun gain, tint.
+    gain = 0.6 + 0.5 * np.sqrt(np.sin(np.radians(max(plan.sun_elevation_deg, 0.0))))
+    mean = canvas[:, ::8, ::8].mean(axis=(1, 2))
+    offset = (1 - plan.contrast) * gain * mean + plan.summer * np.array([0.03, 0.04, -0.03])
+    image = image * np.float32(plan.contrast * gain) + _channels(offset)
 
-  cloud_fraction = 0.0
-  if plan.cloud_target > 0:
-    field = _smooth_noise(rng, 4, plan.height, plan.width)  # ~N(0, 1) per pixel.
-    threshold = statistics.NormalDist().inv_cdf(1.0 - plan.cloud_target)
-    cloud_fraction = float(np.mean(field > threshold))
-    cloud = np.clip((field - threshold) * np.float32(0.75 / 0.5), 0, 0.75)
-    image = image + cloud * (np.float32(0.95) - image)
-  image += np.float32(0.01) * rng.standard_normal(image.shape, dtype=np.float32)
-  return np.clip(image, 0.0, 1.0), cloud_fraction
+    cloud_fraction = 0.0
+    if plan.cloud_target > 0:
+        field = _smooth_noise(rng, 4, plan.height, plan.width)  # ~N(0, 1) per pixel.
+        threshold = statistics.NormalDist().inv_cdf(1.0 - plan.cloud_target)
+        cloud_fraction = float(np.mean(field > threshold))
+        cloud = np.clip((field - threshold) * np.float32(0.75 / 0.5), 0, 0.75)
+        image = image + cloud * (np.float32(0.95) - image)
+    image += np.float32(0.01) * rng.standard_normal(image.shape, dtype=np.float32)
+    return np.clip(image, 0.0, 1.0), cloud_fraction
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -515,142 +587,158 @@ def _render(plan, canvas, lat, shape):
 
 
 def _iso_utc(timestamp):
-  return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _record(location, plan, stem, cloud_fraction, box_id):
-  """The per-image JSON, keys in the release's order."""
-  x, y, w, h = plan.box
-  return {
-      "img_filename": f"{stem}_rgb.jpg",
-      "img_width": plan.width,
-      "img_height": plan.height,
-      "gsd": round(plan.gsd, 4),
-      "cloud_cover": int(round(100 * cloud_fraction)),
-      "timestamp": _iso_utc(plan.timestamp),
-      "utm": _utm_zone(location.lat, location.lon),
-      "country_code": location.country_code,
-      "scan_direction": plan.scan_direction,
-      "off_nadir_angle_dbl": round(plan.off_nadir_deg, 3),
-      "target_azimuth_dbl": round(plan.target_azimuth_deg, 3),
-      "sun_azimuth_dbl": round(plan.sun_azimuth_deg, 3),
-      "sun_elevation_dbl": round(plan.sun_elevation_deg, 3),
-      "pan_resolution_dbl": round(plan.gsd, 4),
-      "multi_resolution_dbl": round(4 * plan.gsd, 4),
-      "approximate_wavelengths": [661, 545, 477],
-      "raw_location": _footprint_wkt(location.lat, location.lon, plan.width, plan.height, plan.gsd,
-                                     (x + w / 2, y + h / 2)),
-      "bounding_boxes": [{"ID": box_id, "box": [x, y, w, h], "category": location.category,
-                          "visible": "True"}],
-  }
+    """The per-image JSON, keys in the release's order."""
+    x, y, w, h = plan.box
+    return {
+        "img_filename": f"{stem}_rgb.jpg",
+        "img_width": plan.width,
+        "img_height": plan.height,
+        "gsd": round(plan.gsd, 4),
+        "cloud_cover": int(round(100 * cloud_fraction)),
+        "timestamp": _iso_utc(plan.timestamp),
+        "utm": _utm_zone(location.lat, location.lon),
+        "country_code": location.country_code,
+        "scan_direction": plan.scan_direction,
+        "off_nadir_angle_dbl": round(plan.off_nadir_deg, 3),
+        "target_azimuth_dbl": round(plan.target_azimuth_deg, 3),
+        "sun_azimuth_dbl": round(plan.sun_azimuth_deg, 3),
+        "sun_elevation_dbl": round(plan.sun_elevation_deg, 3),
+        "pan_resolution_dbl": round(plan.gsd, 4),
+        "multi_resolution_dbl": round(4 * plan.gsd, 4),
+        "approximate_wavelengths": [661, 545, 477],
+        "raw_location": _footprint_wkt(
+            location.lat, location.lon, plan.width, plan.height, plan.gsd, (x + w / 2, y + h / 2)
+        ),
+        "bounding_boxes": [{"ID": box_id, "box": [x, y, w, h], "category": location.category, "visible": "True"}],
+    }
 
 
 def _draw_classes(rng, n_locations, n_classes, favourite_share=0.5):
-  """Class ids of locations 0..n-1: location i (around `_CENTRES[i % len]`) takes its place's favourite class
-  with probability `favourite_share`, else a uniform one. Favourites cycle over the classes, so every class is
-  some places' favourite and the classes stay roughly balanced."""
-  favourite = (np.arange(n_locations) % len(_CENTRES)) % n_classes
-  uniform = rng.integers(0, n_classes, n_locations)
-  return np.where(rng.random(n_locations) < favourite_share, favourite, uniform)
+    """Class ids of locations 0..n-1: location i (around `_CENTRES[i % len]`) takes its place's favourite class
+    with probability `favourite_share`, else a uniform one. Favourites cycle over the classes, so every class is
+    some places' favourite and the classes stay roughly balanced."""
+    favourite = (np.arange(n_locations) % len(_CENTRES)) % n_classes
+    uniform = rng.integers(0, n_classes, n_locations)
+    return np.where(rng.random(n_locations) < favourite_share, favourite, uniform)
 
 
 def _write_location(root, location, shape, canvases, first_box_id):
-  """Writes one location's images and JSONs; returns the number of images."""
-  folder = os.path.join(root, location.split, location.category, f"{location.category}_{location.index}")
-  os.makedirs(folder)
-  for k, (plan, canvas) in enumerate(zip(location.images, canvases)):
-    stem = f"{location.category}_{location.index}_{plan.t}"
-    pixels, cloud_fraction = _render(plan, canvas, location.lat, shape)
-    Image.fromarray(np.round(pixels * 255).astype(np.uint8).transpose(1, 2, 0)).save(
-        os.path.join(folder, f"{stem}_rgb.jpg"), quality=_JPEG_QUALITY)
-    record = _record(location, plan, stem, cloud_fraction, first_box_id + k)
-    with open(os.path.join(folder, f"{stem}_rgb.json"), "w") as f:
-      json.dump(record, f)
-      f.write("\n")
-  return len(location.images)
+    """Writes one location's images and JSONs; returns the number of images."""
+    folder = os.path.join(root, location.split, location.category, f"{location.category}_{location.index}")
+    os.makedirs(folder)
+    for k, (plan, canvas) in enumerate(zip(location.images, canvases)):
+        stem = f"{location.category}_{location.index}_{plan.t}"
+        pixels, cloud_fraction = _render(plan, canvas, location.lat, shape)
+        Image.fromarray(np.round(pixels * 255).astype(np.uint8).transpose(1, 2, 0)).save(
+            os.path.join(folder, f"{stem}_rgb.jpg"), quality=_JPEG_QUALITY
+        )
+        record = _record(location, plan, stem, cloud_fraction, first_box_id + k)
+        with open(os.path.join(folder, f"{stem}_rgb.json"), "w") as f:
+            json.dump(record, f)
+            f.write("\n")
+    return len(location.images)
 
 
 def _check_args(out_dir, seed, locations_per_split, classes, image_size_range):
-  """Clear errors for bad arguments, before anything is written."""
-  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-    raise ValueError(f"sample_data: seed must be a non-negative int, got {seed!r}")
-  for split, n in locations_per_split.items():
-    if split not in _SPLITS:
-      raise ValueError(f"sample_data: unknown split {split!r} in locations_per_split; known: {_SPLITS}")
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-      raise ValueError(f"sample_data: locations_per_split[{split!r}] must be a positive int, got {n!r}")
-  unknown = [c for c in classes if c not in CLASS_NAMES]
-  if unknown:
-    raise ValueError(f"sample_data: classes {unknown} are not fMoW classes (tfds_builders.fmow.fmow_format)")
-  if len(set(classes)) != len(classes) or not 1 <= len(classes) <= len(_SHAPES):
-    raise ValueError(f"sample_data: classes must be 1..{len(_SHAPES)} distinct names (one shape each), "
-                     f"got {list(classes)}")
-  if not (len(image_size_range) == 2 and all(isinstance(s, (int, np.integer)) for s in image_size_range)
-          and 32 <= image_size_range[0] <= image_size_range[1]):
-    raise ValueError(f"sample_data: image_size_range must be two ints with 32 <= low <= high, "
-                     f"got {image_size_range}")
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f"sample_data: {out_dir} exists and is not empty; give a new or empty directory")
+    """Clear errors for bad arguments, before anything is written."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"sample_data: seed must be a non-negative int, got {seed!r}")
+    for split, n in locations_per_split.items():
+        if split not in _SPLITS:
+            raise ValueError(f"sample_data: unknown split {split!r} in locations_per_split; known: {_SPLITS}")
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"sample_data: locations_per_split[{split!r}] must be a positive int, got {n!r}")
+    unknown = [c for c in classes if c not in CLASS_NAMES]
+    if unknown:
+        raise ValueError(f"sample_data: classes {unknown} are not fMoW classes (tfds_builders.fmow.fmow_format)")
+    if len(set(classes)) != len(classes) or not 1 <= len(classes) <= len(_SHAPES):
+        raise ValueError(
+            f"sample_data: classes must be 1..{len(_SHAPES)} distinct names (one shape each), got {list(classes)}"
+        )
+    if not (
+        len(image_size_range) == 2
+        and all(isinstance(s, (int, np.integer)) for s in image_size_range)
+        and 32 <= image_size_range[0] <= image_size_range[1]
+    ):
+        raise ValueError(
+            f"sample_data: image_size_range must be two ints with 32 <= low <= high, got {image_size_range}"
+        )
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"sample_data: {out_dir} exists and is not empty; give a new or empty directory")
 
 
-def generate(out_dir: str | os.PathLike, *, seed: int = 0,
-             locations_per_split: Mapping[str, int] | None = None,
-             classes: Sequence[str] | None = None,
-             image_size_range: tuple[int, int] = (96, 160)) -> dict:
-  """Writes a synthetic fMoW-rgb tree at `out_dir` (see the module docstring for the rules).
+def generate(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    locations_per_split: Mapping[str, int] | None = None,
+    classes: Sequence[str] | None = None,
+    image_size_range: tuple[int, int] = (96, 160),
+) -> dict:
+    """Writes a synthetic fMoW-rgb tree at `out_dir` (see the module docstring for the rules).
 
-  Args:
-    out_dir: a new or empty directory.
-    seed: everything written is a deterministic function of it.
-    locations_per_split: {split: number of locations}, splits among train/val/test; default train 300, val 80.
-    classes: fMoW class names, at most 8; the i-th is drawn as the i-th shape. Default SAMPLE_CLASSES.
-    image_size_range: (low, high) of image widths and heights, in pixels.
+    Args:
+      out_dir: a new or empty directory.
+      seed: everything written is a deterministic function of it.
+      locations_per_split: {split: number of locations}, splits among train/val/test; default train 300, val 80.
+      classes: fMoW class names, at most 8; the i-th is drawn as the i-th shape. Default SAMPLE_CLASSES.
+      image_size_range: (low, high) of image widths and heights, in pixels.
 
-  Returns:
-    {split: {"locations": n, "images": m}} for each split written.
-  """
-  out_dir = os.fspath(out_dir)
-  locations_per_split = dict(_DEFAULT_LOCATIONS if locations_per_split is None else locations_per_split)
-  classes = tuple(SAMPLE_CLASSES if classes is None else classes)
-  image_size_range = tuple(image_size_range)
-  _check_args(out_dir, seed, locations_per_split, classes, image_size_range)
+    Returns:
+      {split: {"locations": n, "images": m}} for each split written.
+    """
+    out_dir = os.fspath(out_dir)
+    locations_per_split = dict(_DEFAULT_LOCATIONS if locations_per_split is None else locations_per_split)
+    classes = tuple(SAMPLE_CLASSES if classes is None else classes)
+    image_size_range = tuple(image_size_range)
+    _check_args(out_dir, seed, locations_per_split, classes, image_size_range)
 
-  canvas_size = 2 * image_size_range[1]
-  summary, box_id = {}, 1
-  for split, n_locations in locations_per_split.items():
-    split_rng = np.random.default_rng([seed, _SPLITS.index(split)])
-    class_ids = _draw_classes(split_rng, n_locations, len(classes))
-    per_class = [0] * len(classes)
-    images = 0
-    for i, class_id in enumerate(class_ids):
-      location = _plan_location(seed, split, i, classes[class_id], per_class[class_id], image_size_range)
-      per_class[class_id] += 1
-      style = _terrain_style(location.lat, location.lon)
-      canvases = [_terrain_canvas(np.random.default_rng([location.terrain_seed, plan.t]), style, canvas_size)
-                  for plan in location.images]
-      images += _write_location(out_dir, location, _SHAPES[class_id], canvases, box_id)
-      box_id += len(location.images)
-    summary[split] = {"locations": int(n_locations), "images": images}
-  return summary
+    canvas_size = 2 * image_size_range[1]
+    summary, box_id = {}, 1
+    for split, n_locations in locations_per_split.items():
+        split_rng = np.random.default_rng([seed, _SPLITS.index(split)])
+        class_ids = _draw_classes(split_rng, n_locations, len(classes))
+        per_class = [0] * len(classes)
+        images = 0
+        for i, class_id in enumerate(class_ids):
+            location = _plan_location(seed, split, i, classes[class_id], per_class[class_id], image_size_range)
+            per_class[class_id] += 1
+            style = _terrain_style(location.lat, location.lon)
+            canvases = [
+                _terrain_canvas(np.random.default_rng([location.terrain_seed, plan.t]), style, canvas_size)
+                for plan in location.images
+            ]
+            images += _write_location(out_dir, location, _SHAPES[class_id], canvases, box_id)
+            box_id += len(location.images)
+        summary[split] = {"locations": int(n_locations), "images": images}
+    return summary
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-      prog="python -m geo_contrast.sample_data",
-      description="Write a small synthetic fMoW-rgb tree (train and val splits) with learnable structure.")
-  parser.add_argument("out_dir", help="new or empty directory to write the tree into")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--train_locations", type=int, default=_DEFAULT_LOCATIONS["train"])
-  parser.add_argument("--val_locations", type=int, default=_DEFAULT_LOCATIONS["val"])
-  args = parser.parse_args(argv)
-  try:
-    summary = generate(args.out_dir, seed=args.seed,
-                       locations_per_split={"train": args.train_locations, "val": args.val_locations})
-  except (ValueError, FileExistsError) as e:
-    parser.error(str(e))
-  json.dump(summary, sys.stdout)
-  sys.stdout.write("\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m geo_contrast.sample_data",
+        description="Write a small synthetic fMoW-rgb tree (train and val splits) with learnable structure.",
+    )
+    parser.add_argument("out_dir", help="new or empty directory to write the tree into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_locations", type=int, default=_DEFAULT_LOCATIONS["train"])
+    parser.add_argument("--val_locations", type=int, default=_DEFAULT_LOCATIONS["val"])
+    args = parser.parse_args(argv)
+    try:
+        summary = generate(
+            args.out_dir,
+            seed=args.seed,
+            locations_per_split={"train": args.train_locations, "val": args.val_locations},
+        )
+    except (ValueError, FileExistsError) as e:
+        parser.error(str(e))
+    json.dump(summary, sys.stdout)
+    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -30,114 +30,125 @@ AXIS = "batch"
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
-  params: Any  # {"encoder": ..., "geo_head": ... (geo variants only)}
-  batch_stats: Any  # The query encoder's BN running statistics.
-  key_params: Any  # EMA of params["encoder"].
-  key_batch_stats: Any  # EMA of batch_stats.
-  opt_state: Any
-  queue: jax.Array  # [queue_size, dim] L2-normalised keys; row `queue_ptr` is the oldest.
-  queue_ptr: jax.Array  # int32 scalar.
-  rng: jax.Array  # Base key of the per-step randomness (the shuffle-BN permutation).
+    step: jax.Array
+    params: Any  # {"encoder": ..., "geo_head": ... (geo variants only)}
+    batch_stats: Any  # The query encoder's BN running statistics.
+    key_params: Any  # EMA of params["encoder"].
+    key_batch_stats: Any  # EMA of batch_stats.
+    opt_state: Any
+    queue: jax.Array  # [queue_size, dim] L2-normalised keys; row `queue_ptr` is the oldest.
+    queue_ptr: jax.Array  # int32 scalar.
+    rng: jax.Array  # Base key of the per-step randomness (the shuffle-BN permutation).
 
 
 @flax.struct.dataclass
 class StepConfig:
-  """The static numbers of the step (hashable, so the step can be rebuilt identically on resume)."""
-  temperature: float = flax.struct.field(pytree_node=False)
-  momentum: float = flax.struct.field(pytree_node=False)
-  bn_groups: int = flax.struct.field(pytree_node=False)
-  infonce_weight: float = flax.struct.field(pytree_node=False)
-  geo_weight: float = flax.struct.field(pytree_node=False)  # 0 turns the geo loss off.
+    """The static numbers of the step (hashable, so the step can be rebuilt identically on resume)."""
+
+    temperature: float = flax.struct.field(pytree_node=False)
+    momentum: float = flax.struct.field(pytree_node=False)
+    bn_groups: int = flax.struct.field(pytree_node=False)
+    infonce_weight: float = flax.struct.field(pytree_node=False)
+    geo_weight: float = flax.struct.field(pytree_node=False)  # 0 turns the geo loss off.
 
 
 def ema_update(ema, new, momentum):
-  """`momentum * ema + (1 - momentum) * new`, leaf by leaf (MoCo's key-encoder update)."""
-  return jax.tree.map(lambda e, n: momentum * e + (1.0 - momentum) * n, ema, new)
+    """`momentum * ema + (1 - momentum) * new`, leaf by leaf (MoCo's key-encoder update)."""
+    return jax.tree.map(lambda e, n: momentum * e + (1.0 - momentum) * n, ema, new)
 
 
 def enqueue(queue, ptr, keys):
-  """Writes `keys` [n, d] into the FIFO `queue` at `ptr`; returns (queue, new ptr).
+    """Writes `keys` [n, d] into the FIFO `queue` at `ptr`; returns (queue, new ptr).
 
-  The queue size is a multiple of n (validated with the config), so a batch never straddles the end.
-  """
-  n = keys.shape[0]
-  queue = lax.dynamic_update_slice_in_dim(queue, keys.astype(queue.dtype), ptr, axis=0)
-  return queue, (ptr + n) % queue.shape[0]
+    The queue size is a multiple of n (validated with the config), so a batch never straddles the end.
+    """
+    n = keys.shape[0]
+    queue = lax.dynamic_update_slice_in_dim(queue, keys.astype(queue.dtype), ptr, axis=0)
+    return queue, (ptr + n) % queue.shape[0]
 
 
 def apply_in_groups(apply_fn, variables, images, groups):
-  """Runs a train-mode encoder with separate BN statistics for each of `groups` contiguous chunks.
+    """Runs a train-mode encoder with separate BN statistics for each of `groups` contiguous chunks.
 
-  Returns the outputs in the original order and the BN statistics averaged over groups (what averaging over
-  devices does for the per-device groups).
-  """
-  b = images.shape[0]
-  grouped = images.reshape((groups, b // groups) + images.shape[1:])
-  outputs, new_vars = jax.vmap(
-      lambda x: apply_fn(variables, x, train=True, mutable=["batch_stats"]))(grouped)
-  outputs = jax.tree.map(lambda y: y.reshape((b,) + y.shape[2:]), outputs)
-  return outputs, jax.tree.map(lambda s: s.mean(axis=0), new_vars["batch_stats"])
+    Returns the outputs in the original order and the BN statistics averaged over groups (what averaging over
+    devices does for the per-device groups).
+    """
+    b = images.shape[0]
+    grouped = images.reshape((groups, b // groups) + images.shape[1:])
+    outputs, new_vars = jax.vmap(lambda x: apply_fn(variables, x, train=True, mutable=["batch_stats"]))(grouped)
+    outputs = jax.tree.map(lambda y: y.reshape((b,) + y.shape[2:]), outputs)
+    return outputs, jax.tree.map(lambda s: s.mean(axis=0), new_vars["batch_stats"])
 
 
 def shuffle_bn_keys(apply_fn, variables, key_images, perm, groups):
-  """Encodes this device's key images with shuffle BN; returns (own keys [b, d], all keys [n, d]).
+    """Encodes this device's key images with shuffle BN; returns (own keys [b, d], all keys [n, d]).
 
-  `perm` is one permutation of the global batch, the same on every device: device i encodes the global
-  images perm[i*b:(i+1)*b] (its groups get consecutive chunks), and the encoded global batch is put back in
-  the original order, so each device reads its own keys and every device enqueues the same global batch.
-  """
-  b = key_images.shape[0]
-  device = lax.axis_index(AXIS)
-  everyone = lax.all_gather(key_images, AXIS, tiled=True)
-  mine = jnp.take(everyone, lax.dynamic_slice_in_dim(perm, device * b, b), axis=0)
-  (_, projection), _ = apply_in_groups(apply_fn, variables, mine, groups)
-  keys = losses.l2_normalize(projection.astype(jnp.float32))
-  shuffled = lax.all_gather(keys, AXIS, tiled=True)
-  ordered = jnp.zeros_like(shuffled).at[perm].set(shuffled)
-  return lax.dynamic_slice_in_dim(ordered, device * b, b), ordered
+    `perm` is one permutation of the global batch, the same on every device: device i encodes the global
+    images perm[i*b:(i+1)*b] (its groups get consecutive chunks), and the encoded global batch is put back in
+    the original order, so each device reads its own keys and every device enqueues the same global batch.
+    """
+    b = key_images.shape[0]
+    device = lax.axis_index(AXIS)
+    everyone = lax.all_gather(key_images, AXIS, tiled=True)
+    mine = jnp.take(everyone, lax.dynamic_slice_in_dim(perm, device * b, b), axis=0)
+    (_, projection), _ = apply_in_groups(apply_fn, variables, mine, groups)
+    keys = losses.l2_normalize(projection.astype(jnp.float32))
+    shuffled = lax.all_gather(keys, AXIS, tiled=True)
+    ordered = jnp.zeros_like(shuffled).at[perm].set(shuffled)
+    return lax.dynamic_slice_in_dim(ordered, device * b, b), ordered
 
 
 def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
-  """One MoCo update on this device's part of the global batch; see the module docstring.
+    """One MoCo update on this device's part of the global batch; see the module docstring.
 
-  batch: {"query": [b, H, W, 3], "key": [b, H, W, 3], "geo_label": [b] int32}.
-  Returns (new state, metrics averaged over devices).
-  """
-  b = batch["query"].shape[0]
-  num_global = b * lax.psum(1, AXIS)
+    batch: {"query": [b, H, W, 3], "key": [b, H, W, 3], "geo_label": [b] int32}.
+    Returns (new state, metrics averaged over devices).
+    """
+    b = batch["query"].shape[0]
+    num_global = b * lax.psum(1, AXIS)
 
-  key_params = ema_update(state.key_params, state.params["encoder"], cfg.momentum)
-  key_batch_stats = ema_update(state.key_batch_stats, state.batch_stats, cfg.momentum)
-  perm = jax.random.permutation(jax.random.fold_in(state.rng, state.step), num_global)
-  k, all_keys = shuffle_bn_keys(encoder.apply, {"params": key_params, "batch_stats": key_batch_stats},
-                                batch["key"], perm, cfg.bn_groups)
-  k = lax.stop_gradient(k)
+    key_params = ema_update(state.key_params, state.params["encoder"], cfg.momentum)
+    key_batch_stats = ema_update(state.key_batch_stats, state.batch_stats, cfg.momentum)
+    perm = jax.random.permutation(jax.random.fold_in(state.rng, state.step), num_global)
+    k, all_keys = shuffle_bn_keys(
+        encoder.apply, {"params": key_params, "batch_stats": key_batch_stats}, batch["key"], perm, cfg.bn_groups
+    )
+    k = lax.stop_gradient(k)
 
-  def loss_fn(params):
-    (_, projection), batch_stats = apply_in_groups(
-        encoder.apply, {"params": params["encoder"], "batch_stats": state.batch_stats}, batch["query"],
-        cfg.bn_groups)
-    projection = projection.astype(jnp.float32)
-    nce, logits = losses.info_nce(losses.l2_normalize(projection), k, state.queue, cfg.temperature)
-    metrics = {"info_nce": nce, "contrastive_accuracy": losses.contrastive_accuracy(logits)}
-    loss = cfg.infonce_weight * nce
-    if cfg.geo_weight:
-      geo_logits = geo_head.apply({"params": params["geo_head"]}, projection).astype(jnp.float32)
-      geo_ce = losses.geo_cross_entropy(geo_logits, batch["geo_label"])
-      loss = loss + cfg.geo_weight * geo_ce
-      metrics.update(geo_ce=geo_ce, geo_accuracy=losses.top1_accuracy(geo_logits, batch["geo_label"]))
-    metrics["loss"] = loss
-    return loss, (metrics, batch_stats)
+    def loss_fn(params):
+        (_, projection), batch_stats = apply_in_groups(
+            encoder.apply,
+            {"params": params["encoder"], "batch_stats": state.batch_stats},
+            batch["query"],
+            cfg.bn_groups,
+        )
+        projection = projection.astype(jnp.float32)
+        nce, logits = losses.info_nce(losses.l2_normalize(projection), k, state.queue, cfg.temperature)
+        metrics = {"info_nce": nce, "contrastive_accuracy": losses.contrastive_accuracy(logits)}
+        loss = cfg.infonce_weight * nce
+        if cfg.geo_weight:
+            geo_logits = geo_head.apply({"params": params["geo_head"]}, projection).astype(jnp.float32)
+            geo_ce = losses.geo_cross_entropy(geo_logits, batch["geo_label"])
+            loss = loss + cfg.geo_weight * geo_ce
+            metrics.update(geo_ce=geo_ce, geo_accuracy=losses.top1_accuracy(geo_logits, batch["geo_label"]))
+        metrics["loss"] = loss
+        return loss, (metrics, batch_stats)
 
-  (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = lax.pmean(grads, AXIS)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-  queue, queue_ptr = enqueue(state.queue, state.queue_ptr, all_keys)
-  metrics = lax.pmean(metrics, AXIS)
-  metrics["lr"] = lr_fn(state.step)
-  new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=lax.pmean(batch_stats, AXIS), key_params=key_params,
-      key_batch_stats=key_batch_stats, opt_state=opt_state, queue=queue, queue_ptr=queue_ptr)
-  return new_state, metrics
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    queue, queue_ptr = enqueue(state.queue, state.queue_ptr, all_keys)
+    metrics = lax.pmean(metrics, AXIS)
+    metrics["lr"] = lr_fn(state.step)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=lax.pmean(batch_stats, AXIS),
+        key_params=key_params,
+        key_batch_stats=key_batch_stats,
+        opt_state=opt_state,
+        queue=queue,
+        queue_ptr=queue_ptr,
+    )
+    return new_state, metrics

@@ -9,10 +9,19 @@ from geo_contrast import input_pipeline
 
 
 def _draws(query_index, num_images, temporal, n=400):
-    return np.array([
-        int(input_pipeline.sample_key_index(tf.constant(query_index, tf.int64), tf.constant(num_images, tf.int64),
-                                            tf.constant([i, 17], tf.int64), temporal))
-        for i in range(n)])
+    return np.array(
+        [
+            int(
+                input_pipeline.sample_key_index(
+                    tf.constant(query_index, tf.int64),
+                    tf.constant(num_images, tf.int64),
+                    tf.constant([i, 17], tf.int64),
+                    temporal,
+                )
+            )
+            for i in range(n)
+        ]
+    )
 
 
 @pytest.mark.parametrize("num_images,query_index", [(2, 0), (2, 1), (5, 0), (5, 3), (21, 20)])
@@ -37,13 +46,22 @@ def test_without_temporal_positives_the_key_is_the_query():
 
 
 def _stream(data_dir, start_step, *, temporal=True, batch=4, devices=1, process=0, processes=1):
-  builder = input_pipeline.load_builder("fmow/rgb_64", data_dir)
-  index = input_pipeline.read_location_index(builder, "train")
-  ds = input_pipeline.pretrain_dataset(
-      builder, "train", temporal=temporal, image_size=16, crop_scale=(0.2, 1.0), global_batch=batch,
-      host=input_pipeline.HostSlice(process, processes, devices), seed=3, start_step=start_step,
-      images_per_epoch=int(index.num_images.sum()), shuffle_buffer=64)
-  return ds.as_numpy_iterator(), index
+    builder = input_pipeline.load_builder("fmow/rgb_64", data_dir)
+    index = input_pipeline.read_location_index(builder, "train")
+    ds = input_pipeline.pretrain_dataset(
+        builder,
+        "train",
+        temporal=temporal,
+        image_size=16,
+        crop_scale=(0.2, 1.0),
+        global_batch=batch,
+        host=input_pipeline.HostSlice(process, processes, devices),
+        seed=3,
+        start_step=start_step,
+        images_per_epoch=int(index.num_images.sum()),
+        shuffle_buffer=64,
+    )
+    return ds.as_numpy_iterator(), index
 
 
 def test_batches_are_laid_out_for_pmap_and_normalised(tiny_fmow):
@@ -80,19 +98,19 @@ def test_an_epoch_visits_every_image_once(tiny_fmow):
 
 
 def test_processes_split_the_same_global_batches(tiny_fmow):
-  """2 processes x 2 devices see, device by device, the global batches of 1 process x 4 devices, from the
-  start and after a resume: the global stream does not depend on the process count."""
-  steps = 4
-  for start in (0, 5):
-    single, _ = _stream(tiny_fmow[0], start, batch=8, devices=4)
-    first, _ = _stream(tiny_fmow[0], start, batch=8, devices=2, process=0, processes=2)
-    second, _ = _stream(tiny_fmow[0], start, batch=8, devices=2, process=1, processes=2)
-    for _ in range(steps):
-      whole, a, b = next(single), next(first), next(second)
-      assert a["query"].shape == (2, 2, 16, 16, 3)
-      for name in ("query", "key", "coordinates"):
-        np.testing.assert_array_equal(np.concatenate([a[name], b[name]]), whole[name])
-      assert not np.array_equal(a["query"], b["query"])
+    """2 processes x 2 devices see, device by device, the global batches of 1 process x 4 devices, from the
+    start and after a resume: the global stream does not depend on the process count."""
+    steps = 4
+    for start in (0, 5):
+        single, _ = _stream(tiny_fmow[0], start, batch=8, devices=4)
+        first, _ = _stream(tiny_fmow[0], start, batch=8, devices=2, process=0, processes=2)
+        second, _ = _stream(tiny_fmow[0], start, batch=8, devices=2, process=1, processes=2)
+        for _ in range(steps):
+            whole, a, b = next(single), next(first), next(second)
+            assert a["query"].shape == (2, 2, 16, 16, 3)
+            for name in ("query", "key", "coordinates"):
+                np.testing.assert_array_equal(np.concatenate([a[name], b[name]]), whole[name])
+            assert not np.array_equal(a["query"], b["query"])
 
 
 def test_with_geo_labels_assigns_the_nearest_centroid():

@@ -1,7 +1,6 @@
 """The MoCo step's pieces against independent computations, and its device-count invariance."""
 
 import collections
-import functools
 import os
 import subprocess
 import sys
