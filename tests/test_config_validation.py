@@ -10,6 +10,7 @@ from geo_contrast import config_lib
 from geo_contrast import input_pipeline
 from geo_contrast import pretrain
 from geo_contrast import stages
+from geo_contrast import train_setup
 
 
 def _config(**overrides):
@@ -61,7 +62,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the config was refused")
 
-    monkeypatch.setattr(pretrain, "build_model", refuse)
+    monkeypatch.setattr(train_setup, "build_model", refuse)
 
 
 def _distinct_train_locations(data_dir):

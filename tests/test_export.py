@@ -135,6 +135,7 @@ def geo_workdir(tmp_path_factory):
     config = fmow.get_config("sample")
     config.model.width = 4
     config.moco.queue_size = 128
+    config.input.image_size = 32
     encoder = train_setup.build_encoder(config.model)
     geo_head = moco.GeoHead(config.geo.num_clusters)
     tx = train_setup.optimizer(config, train_setup.learning_rate_schedule(config, 1))

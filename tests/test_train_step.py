@@ -86,6 +86,7 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     c.model.width = 4
     c.input.global_batch = 16
     c.moco.queue_size = 32
+    c.optim.base_lr = 0.03  # MoCo-v2's: the tolerance below is for its step sizes, whatever the sample uses.
     encoder = train_setup.build_encoder(c.model)
     geo_head = moco.GeoHead(5)
     lr_fn = train_setup.learning_rate_schedule(c, 10)
