@@ -7,7 +7,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from configs import fmow
@@ -17,17 +16,11 @@ from geo_contrast import input_pipeline
 from geo_contrast import linear_eval
 from geo_contrast import metric_writer
 from geo_contrast import results
-from geo_contrast import sample_data
-from tfds_builders.fmow import fmow_dataset_builder
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmow")
-    sample_data.generate(root / "raw", locations_per_split={"train": 12, "val": 6, "test": 4}, seed=0)
-    builder = fmow_dataset_builder.Builder(config="rgb_64", data_dir=str(root / "data"))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
-    return str(root / "data")
+def data_dir(tiny_fmow):
+    return tiny_fmow[0]
 
 
 def _config(data_dir, **linear_eval):
