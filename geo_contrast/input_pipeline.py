@@ -229,9 +229,7 @@ def pretrain_dataset(
     stream = stream.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     stream = stream.batch(rows, drop_remainder=True)
     stream = stream.map(
-        lambda b: jax.tree.map(
-            lambda x: tf.reshape(x, [host.local_devices, per_device] + x.shape[1:].as_list()), b
-        )
+        lambda b: {k: tf.reshape(x, [host.local_devices, per_device] + x.shape[1:].as_list()) for k, x in b.items()}
     )
     return stream.with_options(options).prefetch(2)
 

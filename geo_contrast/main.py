@@ -42,10 +42,18 @@ _USER_ERRORS = (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, sta
                 checkpointing.CheckpointError, distributed.DistributedInitError, pretrain.NonFiniteLossError)
 
 
+class _QuietLibraries:
+    """Drops the INFO records of checkpointing's internals (dozens per save), keeping their warnings and ours."""
+
+    def filter(self, record):
+        return record.levelno >= logging.converter.ABSL_TO_STANDARD[logging.WARNING] or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         distributed.initialize(auto=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
