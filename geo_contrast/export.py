@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
 from geo_contrast import augment
+from geo_contrast import checkpointing
 from geo_contrast import pretrain
 from geo_contrast import torchvision_layout
 from geo_contrast.models import resnet
@@ -54,7 +55,7 @@ def read_checkpoint(workdir: str, step: int | None = None, *, with_state: bool =
     directory = os.path.abspath(os.path.join(workdir, pretrain.CHECKPOINT_DIR))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} does not exist: no pretraining checkpoints in --workdir={workdir}.")
-    reader = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    reader = checkpointing.reader(directory)
     steps = reader.all_steps()
     if not steps:
         raise FileNotFoundError(f"{directory} holds no finished pretraining checkpoint.")

@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -393,7 +392,7 @@ def evaluate(config, workdir):
     state = init_probe_state(variables, head, backbone.module.feature_dim, seed=config.seed,
                              momentum=lc.momentum, weight_decay=lc.weight_decay)
     state = _replicate(state, mesh)
-    writer = metric_writer.MetricWriter(workdir, prefix=f"linear_eval_{_slug(key)}_")
+    writer = metric_writer.MetricWriter(workdir, prefix=f"linear_eval_{results.slug(key)}_")
     try:
         _, best = train_classifier(state, lambda epoch: epoch_batches(epoch=epoch), val, class_names, lc=lc,
                                    head=head, backbone=step_backbone, mesh=mesh, writer=writer, name=key)
@@ -446,8 +445,3 @@ def _shard(tree, mesh):
 
 def _replicate(tree, mesh):
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def _slug(key):
-    """A file-name-safe form of a results key ("pretrained", "random" or a checkpoint path)."""
-    return re.sub(r"[^0-9A-Za-z]+", "_", key).strip("_")

@@ -33,7 +33,6 @@ from matplotlib.figure import Figure
 from geo_contrast import export
 from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
-from geo_contrast import linear_eval
 from geo_contrast import pretrain
 from geo_contrast import results
 
@@ -207,7 +206,7 @@ def write_per_class(plots_dir: str, all_results: dict) -> list:
                 label = _METRIC_TITLES.get(metric, metric.replace("_", " "))
                 title = (f"{key} ({entry.get('variant') or 'no pretraining'}, {entry['backbone']}): per-class {label}"
                          f" on {split}, {len(report[field])} classes")
-                path = os.path.join(plots_dir, f"{field}_{linear_eval._slug(key)}_{split}.png")
+                path = os.path.join(plots_dir, f"{field}_{results.slug(key)}_{split}.png")
                 written.append(save(per_class_figure(report[field], title, label), path))
     return written
 

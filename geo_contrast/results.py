@@ -8,6 +8,7 @@ over the random one: the floor that says how much pretraining bought. Both files
 
 import json
 import os
+import re
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -17,6 +18,11 @@ _SPLIT_ORDER = ("train", "val", "test")
 # (entry key, column title) of the metrics in the markdown table, all fractions shown as percentages.
 _COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("macro_f1", "macro-F1"),
             ("location_top1", "location top-1"), ("location_macro_f1", "location macro-F1"))
+
+
+def slug(key):
+    """A file-name-safe form of a results key ("pretrained", "random" or a checkpoint path)."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", key).strip("_")
 
 
 def load(workdir):
