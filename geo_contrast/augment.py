@@ -14,8 +14,9 @@ Semantics follow torchvision's transforms as used by MoCo-v2 (RandomResizedCrop,
 GaussianBlur, RandomHorizontalFlip, Normalize) and the released linear-evaluation script (Resize + RandomCrop /
 CenterCrop). The fixed-parameter operations are public so tests can compare them with independent re-derivations
 of torchvision's formulas. Two deliberate differences from MoCo-v2's PIL pipeline are documented where they occur:
-colour ops work on float32 (no uint8 rounding between ops, as torchvision does on float tensors) and the Gaussian
-blur is an exact separable Gaussian rather than PIL's box-blur approximation.
+colour ops work on float32 (no uint8 rounding between ops, as torchvision does on float tensors; a pretraining view
+is rounded to uint8 once, at the end) and the Gaussian blur is an exact separable Gaussian rather than PIL's box-blur
+approximation.
 """
 
 import math
@@ -23,10 +24,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-# ImageNet channel statistics (RGB, images scaled to [0, 1]) used by torchvision/MoCo-v2's Normalize. The single
-# source of these constants for the whole project.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The pretraining views end as uint8 pixels, standardised on the accelerator (`pixels.standardize`); the
+# linear-evaluation views, decoded once and cached, are normalised here with the same statistics.
+from geo_contrast.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 # ITU-R 601-2 luma weights (what PIL's convert("L") uses, and hence MoCo-v2's RandomGrayscale on PIL images;
 # torchvision's tensor path truncates the red weight to 0.2989).
@@ -174,7 +174,21 @@ def decode_random_resized_crop(jpeg_bytes, seed, size, scale=(0.2, 1.0), ratio=(
     window = random_resized_crop_window(seed, shape[0], shape[1], scale, ratio)
     crop = tf.image.decode_and_crop_jpeg(jpeg_bytes, window, channels=3)
     crop = tf.image.convert_image_dtype(crop, tf.float32)
-    return tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
+    return resize_bilinear(crop, size, shrinks=tf.reduce_max(window[2:]) > size)
+
+
+def resize_bilinear(image, size, shrinks):
+    """Bilinear resize to `size` x `size`, antialiased (PIL's bilinear) only where it `shrinks` a side.
+
+    When no side shrinks, the antialiasing kernel is the plain bilinear one and both give the same pixels, but the
+    antialiased kernel costs ~3x as much; with MoCo-v2's crop scales most random crops are enlarged.
+    """
+    resized = tf.cond(
+        shrinks,
+        lambda: tf.image.resize(image, [size, size], method="bilinear", antialias=True),
+        lambda: tf.image.resize(image, [size, size], method="bilinear"),
+    )
+    return tf.ensure_shape(resized, [size, size, image.shape[-1]])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -257,6 +271,9 @@ def gaussian_blur(image, sigma, max_sigma):
     be static, so the kernel always spans the radius for `max_sigma` and the taps beyond ceil(3 sigma) are zero.
     Padding is 'reflect' (edge pixel not repeated), as torchvision's gaussian_blur.
 
+    Each pass is a weighted sum of shifted slices rather than a depthwise convolution: under XLA (see
+    `moco_v2_augment`) the sum fuses into one loop, while XLA's CPU depthwise convolution is ~40x slower.
+
     Args:
       image: [H, W, 3] float with static H, W larger than ceil(3 * max_sigma).
       sigma: scalar float tensor, blur standard deviation in pixels, 0 < sigma <= max_sigma.
@@ -283,13 +300,15 @@ def gaussian_blur(image, sigma, max_sigma):
     weights = tf.where(tf.abs(taps) <= tf.math.ceil(3 * sigma), weights, 0.0)
     weights /= tf.reduce_sum(weights)
 
-    kernel_size = 2 * max_radius + 1
-    column = tf.tile(tf.reshape(weights, [kernel_size, 1, 1, 1]), [1, 1, 3, 1])
-    row = tf.reshape(column, [1, kernel_size, 3, 1])
-    padded = tf.pad(image[None], [[0, 0], [max_radius] * 2, [max_radius] * 2, [0, 0]], mode="REFLECT")
-    blurred = tf.nn.depthwise_conv2d(padded, column, strides=[1, 1, 1, 1], padding="VALID")
-    blurred = tf.nn.depthwise_conv2d(blurred, row, strides=[1, 1, 1, 1], padding="VALID")
-    return blurred[0]
+    def blur_axis(x, axis):
+        pad = [[0, 0]] * 3
+        pad[axis] = [max_radius, max_radius]
+        padded = tf.pad(x, pad, mode="REFLECT")
+        length = x.shape[axis]
+        shifted = lambda k: padded[k : k + length] if axis == 0 else padded[:, k : k + length]
+        return tf.add_n([weights[k] * shifted(k) for k in range(2 * max_radius + 1)])
+
+    return blur_axis(blur_axis(tf.cast(image, tf.float32), 0), 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -385,34 +404,46 @@ def apply_moco_v2_params(image, params, *, max_blur_sigma=2.0, blur_reference_si
 
 
 def moco_v2_augment(image, seed, *, blur_sigma=(0.1, 2.0), blur_reference_size=224):
-    """MoCo-v2's post-crop augmentations with random decisions from `seed`, then ImageNet normalisation.
+    """MoCo-v2's post-crop augmentations with random decisions from `seed`, as uint8 pixels.
 
     ColorJitter(0.4, 0.4, 0.4, 0.1) in random order with p=0.8, RandomGrayscale p=0.2, Gaussian blur with
     sigma ~ U[blur_sigma] (pixels at `blur_reference_size`, see `apply_moco_v2_params`) with p=0.5, horizontal
-    flip p=0.5, Normalize(IMAGENET_MEAN, IMAGENET_STD).
+    flip p=0.5, then rounding to uint8 as MoCo-v2's PIL images are before `ToTensor`. `Normalize` is
+    `pixels.standardize`, on the accelerator.
 
     Args:
       image: [H, W, 3] float32 in [0, 1] with static H, W (a crop from `decode_random_resized_crop`).
       seed: [2] int32/int64 stateless seed.
 
     Returns:
-      [H, W, 3] float32, normalised.
+      [H, W, 3] uint8.
     """
     params = sample_moco_v2_params(seed, blur_sigma)
-    augmented = apply_moco_v2_params(
-        image, params, max_blur_sigma=blur_sigma[1], blur_reference_size=blur_reference_size
+    return _apply_to_uint8(image, params, max_blur_sigma=blur_sigma[1], blur_reference_size=blur_reference_size)
+
+
+@tf.function(jit_compile=True)
+def _apply_to_uint8(image, params, max_blur_sigma, blur_reference_size):
+    """`apply_moco_v2_params`, rounded to uint8, compiled by XLA into a few fused loops.
+
+    Eager TensorFlow runs each of the ~40 elementwise ops as its own pass over the image; fused, the augmentations
+    cost ~3x less, which is most of the input pipeline's time. The random decisions are drawn outside (TF's
+    stateless kernels), because XLA's random number generator gives other values for the same seed.
+    """
+    image = apply_moco_v2_params(
+        image, params, max_blur_sigma=max_blur_sigma, blur_reference_size=blur_reference_size
     )
-    return normalize(augmented)
+    return tf.cast(tf.round(image * 255.0), tf.uint8)
 
 
 def moco_v2_view(jpeg_bytes, seed, size, scale=(0.2, 1.0)):
-    """One MoCo-v2 view of an encoded JPEG: random resized crop, augmentations, normalisation.
+    """One MoCo-v2 view of an encoded JPEG: random resized crop, then the augmentations.
 
     The crop and the augmentations get independent sub-seeds of `seed`; two views of the same image need two
     different seeds.
 
     Returns:
-      float32 [size, size, 3], normalised.
+      uint8 [size, size, 3] (standardised on the accelerator by `pixels.standardize`).
     """
     seed = _check_seed(seed, "moco_v2_view")
     crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))

@@ -32,8 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
-from geo_contrast import augment
 from geo_contrast import checkpointing
+from geo_contrast import pixels
 from geo_contrast import pretrain
 from geo_contrast import torchvision_layout
 from geo_contrast.models import resnet
@@ -99,8 +99,8 @@ def export_metadata(meta: dict, step: int, *, heads: bool, geo_centroids_latlon=
         "step": str(step),
         "total_steps": str(meta.get("total_steps", "")),
         "image_size": str(meta["config"]["input"]["image_size"]),
-        "input_mean": json.dumps(list(augment.IMAGENET_MEAN)),
-        "input_std": json.dumps(list(augment.IMAGENET_STD)),
+        "input_mean": json.dumps(list(pixels.IMAGENET_MEAN)),
+        "input_std": json.dumps(list(pixels.IMAGENET_STD)),
         "input_normalisation": "RGB scaled to [0, 1], then (x - input_mean) / input_std per channel",
         "num_batches_tracked": "the pretraining step (torch reads it only with BatchNorm momentum=None)",
         "heads": "",

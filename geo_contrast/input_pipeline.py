@@ -188,8 +188,9 @@ def pretrain_dataset(
     images_per_epoch,
     shuffle_buffer,
 ):
-    """Infinite batches {"query","key": [local devices, per_device, S, S, 3] float32, "coordinates"} of `host`'s
-    rows of the global batches (see the module docstring), starting at global step `start_step`.
+    """Infinite batches {"query","key": [local devices, per_device, S, S, 3] uint8, "coordinates"} of `host`'s
+    rows of the global batches (see the module docstring), starting at global step `start_step`. The pixels are
+    standardised on the accelerator (`pixels.standardize`): uint8 is a quarter of float32's bytes to copy.
 
     `images_per_epoch` is the split's image count (`read_location_index(...).num_images.sum()`): the stream
     position start_step * global_batch is reached by starting at the right epoch and skipping (not decoding)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from geo_contrast import losses
+from geo_contrast import pixels
 
 AXIS = "batch"
 
@@ -101,17 +102,18 @@ def shuffle_bn_keys(apply_fn, variables, key_images, perm, groups):
 def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
     """One MoCo update on this device's part of the global batch; see the module docstring.
 
-    batch: {"query": [b, H, W, 3], "key": [b, H, W, 3], "geo_label": [b] int32}.
+    batch: {"query": [b, H, W, 3] uint8, "key": [b, H, W, 3] uint8, "geo_label": [b] int32}.
     Returns (new state, metrics averaged over devices).
     """
-    b = batch["query"].shape[0]
+    query, key = pixels.standardize(batch["query"]), pixels.standardize(batch["key"])
+    b = query.shape[0]
     num_global = b * lax.psum(1, AXIS)
 
     key_params = ema_update(state.key_params, state.params["encoder"], cfg.momentum)
     key_batch_stats = ema_update(state.key_batch_stats, state.batch_stats, cfg.momentum)
     perm = jax.random.permutation(jax.random.fold_in(state.rng, state.step), num_global)
     k, all_keys = shuffle_bn_keys(
-        encoder.apply, {"params": key_params, "batch_stats": key_batch_stats}, batch["key"], perm, cfg.bn_groups
+        encoder.apply, {"params": key_params, "batch_stats": key_batch_stats}, key, perm, cfg.bn_groups
     )
     k = lax.stop_gradient(k)
 
@@ -119,7 +121,7 @@ def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
         (_, projection), batch_stats = apply_in_groups(
             encoder.apply,
             {"params": params["encoder"], "batch_stats": state.batch_stats},
-            batch["query"],
+            query,
             cfg.bn_groups,
         )
         projection = projection.astype(jnp.float32)

@@ -64,13 +64,13 @@ def _stream(data_dir, start_step, *, temporal=True, batch=4, devices=1, process=
     return ds.as_numpy_iterator(), index
 
 
-def test_batches_are_laid_out_for_pmap_and_normalised(tiny_fmow):
+def test_batches_are_laid_out_for_pmap_as_uint8_pixels(tiny_fmow):
     it, _ = _stream(tiny_fmow[0], 0, batch=4, devices=2)
     batch = next(it)
     assert batch["query"].shape == (2, 2, 16, 16, 3) and batch["key"].shape == (2, 2, 16, 16, 3)
-    assert batch["query"].dtype == np.float32 and batch["coordinates"].shape == (2, 2, 2)
-    # ImageNet-normalised pixels: roughly zero-centred, not in [0, 1].
-    assert batch["query"].min() < 0 < batch["query"].max()
+    assert batch["query"].dtype == np.uint8 and batch["key"].dtype == np.uint8
+    assert batch["coordinates"].shape == (2, 2, 2)
+    assert batch["query"].std() > 5  # Real image content, standardised later on the accelerator.
 
 
 def test_stream_is_deterministic_and_resumes_exactly(tiny_fmow):

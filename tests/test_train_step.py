@@ -93,8 +93,8 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     tx = train_setup.optimizer(c, lr_fn)
     state = jax.device_get(train_setup.init_state(c, encoder, geo_head, tx, 32, seed=0))
     rng = np.random.default_rng(0)
-    batches = [{"query": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-                "key": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+    batches = [{"query": rng.integers(0, 256, (16, 32, 32, 3), np.uint8),
+                "key": rng.integers(0, 256, (16, 32, 32, 3), np.uint8),
                 "geo_label": rng.integers(0, 5, 16).astype(np.int32)} for _ in range(3)]
 
     def run(devices, groups):
