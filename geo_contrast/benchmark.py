@@ -1,12 +1,14 @@
 r"""Throughput of the code the training runs, never a copy of it.
 
-    python -m geo_contrast.benchmark --config=configs/fmow.py --what=step [--steps=20]
+    python -m geo_contrast.benchmark --config=configs/fmow.py --what=step [--steps=20] [--feed=host] [--nodonate]
     python -m geo_contrast.benchmark --config=configs/fmow.py:sample --what=input --workdir=/tmp/bench
     python -m geo_contrast.benchmark --config=configs/fmow.py:sample --what=build
 
 - `step`: the pmapped `train_step.train_step` on synthetic device-resident batches (no input pipeline). Compile
   time is reported apart; FLOPs per step come from XLA's cost analysis of the compiled step, and MFU is
-  achieved FLOP/s over the devices' peak where the device kind is known.
+  achieved FLOP/s over the devices' peak where the device kind is known. `--feed=host` adds the per-step
+  host-to-device copy (through the training loop's prefetch), `--nodonate` and `--config.model.compute_dtype=float32`
+  take away buffer donation and bf16: each optimisation can be measured on its own.
 - `input`: the real tf.data pretraining stream (decode only the pair, temporal sampling, MoCo-v2 augmentations,
   batching) over a built TFDS dataset, no model: pairs/s for this host.
 - `build`: the fMoW builder on the bundled sample (or `--manual_dir`): images/s.
@@ -14,6 +16,7 @@ Each prints one JSON line at the end. Timings are for people, never for pass/fai
 """
 
 import functools
+import itertools
 import json
 import os
 import tempfile
@@ -36,6 +39,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fmow.py:sample.", lock_config=True)
 flags.DEFINE_enum("what", "step", ["step", "input", "build"], "What to time.")
 flags.DEFINE_integer("steps", 20, "Timed steps (step) or batches (input).")
+flags.DEFINE_enum("feed", "device", ["device", "host"],
+                  "step: 'device' reuses one device-resident batch (the step alone); 'host' copies a host batch to "
+                  "the devices every step through prefetch_to_device(config.input.prefetch_batches), as training "
+                  "does.")
+flags.DEFINE_bool("donate", True, "step: donate the state's buffers to the step (--nodonate to measure the cost).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps/batches first.")
 flags.DEFINE_string("workdir", None, "Where a `sample` config builds its data (input); a temporary dir if unset.")
 flags.DEFINE_string("manual_dir", None, "build: an fMoW-format tree to build (default: a freshly generated sample).")
@@ -74,8 +82,8 @@ def encoder_forward_flops(encoder, state, size, batch=8):
     return float(cost["flops"]) / batch
 
 
-def bench_step(config, steps, warmup):
-    """pairs/s of the pmapped train step on synthetic device-resident batches."""
+def bench_step(config, steps, warmup, feed="device", donate=True):
+    """pairs/s of the pmapped train step on synthetic batches, device-resident or fed from the host (`feed`)."""
     n = jax.device_count()
     config_lib.validate_pretrain(config, n)
     size, per_device = config.input.image_size, config.input.global_batch // n
@@ -83,25 +91,29 @@ def bench_step(config, steps, warmup):
     model = train_setup.build_model(config, 10 * (steps + warmup), dtype)
     p_step = jax.pmap(functools.partial(ts.train_step, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
                                         lr_fn=model.lr_fn, cfg=train_setup.step_config(config)),
-                      axis_name=ts.AXIS, donate_argnums=(0,))
+                      axis_name=ts.AXIS, donate_argnums=(0,) if donate else ())
     state = replication.replicate(train_setup.initial_state(config, model))
     rng = np.random.default_rng(0)
     local = jax.local_device_count()
-    batch = {
-        "query": rng.normal(size=(local, per_device, size, size, 3)).astype(np.float32),
-        "key": rng.normal(size=(local, per_device, size, size, 3)).astype(np.float32),
+    host_batch = {
+        "query": rng.integers(0, 256, (local, per_device, size, size, 3), np.uint8),
+        "key": rng.integers(0, 256, (local, per_device, size, size, 3), np.uint8),
         "geo_label": rng.integers(0, config.geo.num_clusters, (local, per_device)).astype(np.int32)}
-    batch = next(jax_utils.prefetch_to_device(iter([batch]), 1, axis_name=ts.AXIS))  # Device-resident.
+    if feed == "host":  # A fresh host-to-device copy per step, overlapped as the training loop overlaps it.
+        batches = jax_utils.prefetch_to_device(
+            itertools.repeat(host_batch), config.input.prefetch_batches, axis_name=ts.AXIS)
+    else:
+        batches = itertools.repeat(next(jax_utils.prefetch_to_device(iter([host_batch]), 1, axis_name=ts.AXIS)))
     t0 = time.perf_counter()
-    compiled = p_step.lower(state, batch).compile()
+    compiled = p_step.lower(state, next(batches)).compile()
     compile_s = time.perf_counter() - t0
     flops_per_pair = 4 * encoder_forward_flops(model.encoder, state, size)
     for _ in range(warmup):
-        state, _ = compiled(state, batch)
+        state, _ = compiled(state, next(batches))
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, next(batches))
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t0) / steps
     kind = jax.devices()[0].device_kind
@@ -111,7 +123,8 @@ def bench_step(config, steps, warmup):
         "compile_s": compile_s, "flops_per_step": flops_per_pair * config.input.global_batch,
         "gflop_per_pair": flops_per_pair / 1e9,
         "mfu": (flops_per_pair * config.input.global_batch / n / seconds / peak) if peak else None,
-        "peak_flops_per_device": peak, "dtype": jnp.dtype(dtype).name,
+        "peak_flops_per_device": peak, "dtype": jnp.dtype(dtype).name, "feed": feed, "donate": donate,
+        "prefetch": config.input.prefetch_batches if feed == "host" else None,
         **_common(config, kind)}
 
 
@@ -136,7 +149,11 @@ def bench_input(config, steps, warmup, workdir):
         batch = next(it)
     seconds = time.perf_counter() - t0
     pairs = steps * batch["query"].shape[0] * batch["query"].shape[1]
-    return {"what": "input", "pairs_per_s": pairs / seconds, "cpus": os.cpu_count(), **_common(config, "host")}
+    # Decoding cost grows with the JPEGs' size: the figure is comparable only between datasets of similar size.
+    sizes = [len(jpeg) for ex in input_pipeline.encoded_locations(builder, config.dataset.train_split)
+             .take(256).as_numpy_iterator() for jpeg in ex["images"]]
+    return {"what": "input", "pairs_per_s": pairs / seconds, "cpus": os.cpu_count(),
+            "mean_jpeg_kb": float(np.mean(sizes)) / 1e3, **_common(config, "host")}
 
 
 def bench_build(manual_dir):
@@ -168,7 +185,7 @@ def _common(config, device_kind):
 def main(argv):
     del argv
     if FLAGS.what == "step":
-        result = bench_step(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+        result = bench_step(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.feed, FLAGS.donate)
     elif FLAGS.what == "input":
         result = bench_input(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.workdir)
     else:
