@@ -392,7 +392,8 @@ def evaluate(config, workdir):
     state = init_probe_state(variables, head, backbone.module.feature_dim, seed=config.seed,
                              momentum=lc.momentum, weight_decay=lc.weight_decay)
     state = _replicate(state, mesh)
-    writer = metric_writer.MetricWriter(workdir, prefix=f"linear_eval_{results.slug(key)}_")
+    # A probe is never resumed: a rerun trains from epoch 1 and replaces the earlier run's per-epoch rows.
+    writer = metric_writer.MetricWriter(workdir, prefix=f"linear_eval_{results.slug(key)}_", resume_step=0)
     try:
         _, best = train_classifier(state, lambda epoch: epoch_batches(epoch=epoch), val, class_names, lc=lc,
                                    head=head, backbone=step_backbone, mesh=mesh, writer=writer, name=key)

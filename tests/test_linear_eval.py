@@ -212,8 +212,11 @@ def test_results_keep_both_inits_and_the_margin(data_dir, pretrained_workdir):
             assert float(rows["random", split][i]) == pytest.approx(100 * floor[name], abs=0.005)
             assert float(rows["pretrained - random", split][i]) == pytest.approx(100 * (mine[name] - floor[name]),
                                                                                  abs=0.005)
-    assert os.path.exists(os.path.join(workdir, "linear_eval_pretrained_metrics.jsonl"))
     assert os.path.exists(os.path.join(workdir, "linear_eval_random_metrics.jsonl"))
+
+    linear_eval.evaluate(config, workdir)  # A rerun replaces its per-epoch rows instead of appending a copy.
+    with open(os.path.join(workdir, "linear_eval_pretrained_metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
 
 
 def test_margin_rows_on_hand_made_entries():
