@@ -92,6 +92,9 @@ _DEFAULT_LOCATIONS = {"train": 300, "val": 80}
 _SPLITS = ("train", "val", "test")  # Allowed split names; `test` in the labelled layout, for builder tests.
 _MAX_IMAGES_PER_LOCATION = 6
 _JPEG_QUALITY = 80
+# Sensor noise: faint by default; the benchmark's grain gives 256 px JPEGs the size of real fMoW crops (~30 KB).
+DEFAULT_GRAIN = 0.01
+BENCHMARK_GRAIN = 0.08
 
 # (lat, lon, ISO 3166 alpha-3) of real places. The first five are the hard cases for coordinate code.
 _CENTRES = (
@@ -546,8 +549,10 @@ def _channels(rgb):
     return np.asarray(rgb, np.float32)[:, None, None]
 
 
-def _render(plan, canvas, lat, shape):
+def _render(plan, canvas, lat, shape, grain):
     """One image (3, height, width) in [0, 1] (float32) and the fraction of it under clouds.
+
+    `grain` is the standard deviation of the per-pixel sensor noise.
 
     `canvas` is this image's ground (`_terrain_canvas`), its centre put under the box centre.
     """
@@ -578,7 +583,7 @@ def _render(plan, canvas, lat, shape):
         cloud_fraction = float(np.mean(field > threshold))
         cloud = np.clip((field - threshold) * np.float32(0.75 / 0.5), 0, 0.75)
         image = image + cloud * (np.float32(0.95) - image)
-    image += np.float32(0.01) * rng.standard_normal(image.shape, dtype=np.float32)
+    image += np.float32(grain) * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(image, 0.0, 1.0), cloud_fraction
 
 
@@ -626,13 +631,13 @@ def _draw_classes(rng, n_locations, n_classes, favourite_share=0.5):
     return np.where(rng.random(n_locations) < favourite_share, favourite, uniform)
 
 
-def _write_location(root, location, shape, canvases, first_box_id):
+def _write_location(root, location, shape, canvases, first_box_id, grain):
     """Writes one location's images and JSONs; returns the number of images."""
     folder = os.path.join(root, location.split, location.category, f"{location.category}_{location.index}")
     os.makedirs(folder)
     for k, (plan, canvas) in enumerate(zip(location.images, canvases)):
         stem = f"{location.category}_{location.index}_{plan.t}"
-        pixels, cloud_fraction = _render(plan, canvas, location.lat, shape)
+        pixels, cloud_fraction = _render(plan, canvas, location.lat, shape, grain)
         Image.fromarray(np.round(pixels * 255).astype(np.uint8).transpose(1, 2, 0)).save(
             os.path.join(folder, f"{stem}_rgb.jpg"), quality=_JPEG_QUALITY
         )
@@ -643,10 +648,12 @@ def _write_location(root, location, shape, canvases, first_box_id):
     return len(location.images)
 
 
-def _check_args(out_dir, seed, locations_per_split, classes, image_size_range):
+def _check_args(out_dir, seed, locations_per_split, classes, image_size_range, grain):
     """Clear errors for bad arguments, before anything is written."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"sample_data: seed must be a non-negative int, got {seed!r}")
+    if not 0 <= grain < 1:
+        raise ValueError(f"sample_data: grain must be in [0, 1) (noise std of pixels in [0, 1]), got {grain!r}")
     for split, n in locations_per_split.items():
         if split not in _SPLITS:
             raise ValueError(f"sample_data: unknown split {split!r} in locations_per_split; known: {_SPLITS}")
@@ -678,6 +685,7 @@ def generate(
     locations_per_split: Mapping[str, int] | None = None,
     classes: Sequence[str] | None = None,
     image_size_range: tuple[int, int] = (96, 160),
+    grain: float = DEFAULT_GRAIN,
 ) -> dict:
     """Writes a synthetic fMoW-rgb tree at `out_dir` (see the module docstring for the rules).
 
@@ -687,6 +695,8 @@ def generate(
       locations_per_split: {split: number of locations}, splits among train/val/test; default train 300, val 80.
       classes: fMoW class names, at most 8; the i-th is drawn as the i-th shape. Default SAMPLE_CLASSES.
       image_size_range: (low, high) of image widths and heights, in pixels.
+      grain: standard deviation of the per-pixel sensor noise (pixels in [0, 1]). `BENCHMARK_GRAIN` makes the
+        `rgb_256` build's JPEGs ~30 KB, as large as real fMoW crops, so input benchmarks decode realistic files.
 
     Returns:
       {split: {"locations": n, "images": m}} for each split written.
@@ -695,7 +705,7 @@ def generate(
     locations_per_split = dict(_DEFAULT_LOCATIONS if locations_per_split is None else locations_per_split)
     classes = tuple(SAMPLE_CLASSES if classes is None else classes)
     image_size_range = tuple(image_size_range)
-    _check_args(out_dir, seed, locations_per_split, classes, image_size_range)
+    _check_args(out_dir, seed, locations_per_split, classes, image_size_range, grain)
 
     canvas_size = 2 * image_size_range[1]
     summary, box_id = {}, 1
@@ -712,7 +722,7 @@ def generate(
                 _terrain_canvas(np.random.default_rng([location.terrain_seed, plan.t]), style, canvas_size)
                 for plan in location.images
             ]
-            images += _write_location(out_dir, location, _SHAPES[class_id], canvases, box_id)
+            images += _write_location(out_dir, location, _SHAPES[class_id], canvases, box_id, grain)
             box_id += len(location.images)
         summary[split] = {"locations": int(n_locations), "images": images}
     return summary
@@ -727,12 +737,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_locations", type=int, default=_DEFAULT_LOCATIONS["train"])
     parser.add_argument("--val_locations", type=int, default=_DEFAULT_LOCATIONS["val"])
+    parser.add_argument("--grain", type=float, default=DEFAULT_GRAIN,
+                        help=f"sensor noise std; {BENCHMARK_GRAIN} for realistic JPEG sizes in input benchmarks")
     args = parser.parse_args(argv)
     try:
         summary = generate(
             args.out_dir,
             seed=args.seed,
             locations_per_split={"train": args.train_locations, "val": args.val_locations},
+            grain=args.grain,
         )
     except (ValueError, FileExistsError) as e:
         parser.error(str(e))

@@ -291,6 +291,21 @@ def test_cli_writes_the_tree_and_refuses_a_non_empty_directory(tmp_path):
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+def test_grain_adds_pixel_noise_and_jpeg_bytes_without_moving_anything(tmp_path):
+    """The benchmark's grain makes realistic (larger) JPEGs of the same scenes: same files, boxes and metadata."""
+    trees = {g: tmp_path / f"g{g}" for g in (sample_data.DEFAULT_GRAIN, sample_data.BENCHMARK_GRAIN)}
+    for grain, root in trees.items():
+        sample_data.generate(root, seed=2, locations_per_split={"train": 2}, grain=grain)
+    files = {g: sorted(str(p.relative_to(r)) for p in r.rglob("*") if p.is_file()) for g, r in trees.items()}
+    faint, grainy = trees.values()
+    assert files[sample_data.DEFAULT_GRAIN] == files[sample_data.BENCHMARK_GRAIN]
+    jsons = [f for f in files[sample_data.DEFAULT_GRAIN] if f.endswith(".json")]
+    assert jsons and all((faint / f).read_text() == (grainy / f).read_text() for f in jsons)
+    jpgs = [f for f in files[sample_data.DEFAULT_GRAIN] if f.endswith(".jpg")]
+    size = lambda root: sum((root / f).stat().st_size for f in jpgs)
+    assert size(grainy) > 1.5 * size(faint)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -301,6 +316,7 @@ def test_cli_writes_the_tree_and_refuses_a_non_empty_directory(tmp_path):
         ({"locations_per_split": {"train": 0}}, "train"),
         ({"image_size_range": (160, 96)}, "image_size_range"),
         ({"seed": -1}, "seed"),
+        ({"grain": -0.1}, "grain"),
     ],
 )
 def test_bad_arguments_are_refused_before_writing(tmp_path, kwargs, message):
