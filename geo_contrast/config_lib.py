@@ -109,6 +109,11 @@ def validate_pretrain(config, num_devices):
         raise ConfigError(
             f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy 0 < min <= max <= 1."
         )
+    if config.input.prefetch_batches < 1:
+        raise ConfigError(
+            f"config.input.prefetch_batches={config.input.prefetch_batches} must be >= 1 (batches copied to the "
+            "devices ahead of the step); 2 overlaps the copy with the step."
+        )
     if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
         raise ConfigError(
             f"config.log_every_steps={config.log_every_steps} and config.checkpoint_every_steps="

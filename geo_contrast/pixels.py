@@ -22,7 +22,5 @@ def standardize(images):
     """
     if images.dtype != jnp.uint8:
         raise TypeError(f"standardize expects uint8 pixels from the input pipeline, got {images.dtype}")
-    scale = 1.0 / (255.0 * jnp.asarray(IMAGENET_STD, jnp.float32))
-    return images.astype(jnp.float32) * scale - jnp.asarray(IMAGENET_MEAN, jnp.float32) / jnp.asarray(
-        IMAGENET_STD, jnp.float32
-    )
+    mean, std = jnp.asarray(IMAGENET_MEAN, jnp.float32), jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std

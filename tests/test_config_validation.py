@@ -37,6 +37,7 @@ def _config(**overrides):
     ({"moco.bn_groups": 1}, 1, "with one device set --config.moco.bn_groups=2 or more"),
     ({"moco.bn_groups": 3}, 2, "config.moco.bn_groups=3 must divide the per-device batch (4 = global_batch 8 / 2"),
     ({"dataset.name": ""}, 1, "config.dataset.name is empty"),
+    ({"input.prefetch_batches": 0}, 1, "config.input.prefetch_batches=0 must be >= 1"),
 ])
 def test_impossible_values_are_refused_with_the_field_and_the_fix(overrides, devices, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
