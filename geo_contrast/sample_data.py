@@ -1,6 +1,7 @@
 r"""A small synthetic fMoW-rgb tree with learnable structure, for tests, the TFDS builder's dummy data and demos.
 
-    python -m geo_contrast.sample_data OUT_DIR [--seed 0] [--train_locations 300] [--val_locations 80]
+    python -m geo_contrast.sample_data OUT_DIR [--seed 0] [--train_locations 300] [--val_locations 80] \
+        [--test_locations 80] [--grain 0.01]
 
 The tree has the fMoW release's exact layout and per-image JSON schema (github.com/fMoW/dataset):
 
@@ -88,7 +89,7 @@ _SAMPLE_CLASS_NAMES = frozenset(
 SAMPLE_CLASSES = tuple(name for name in CLASS_NAMES if name in _SAMPLE_CLASS_NAMES)
 assert len(SAMPLE_CLASSES) == len(_SAMPLE_CLASS_NAMES), "a sample class is not in CLASS_NAMES"
 
-_DEFAULT_LOCATIONS = {"train": 300, "val": 80}
+_DEFAULT_LOCATIONS = {"train": 300, "val": 80, "test": 80}  # Labelled test: selection on val, test once.
 _SPLITS = ("train", "val", "test")  # Allowed split names; `test` in the labelled layout, for builder tests.
 _MAX_IMAGES_PER_LOCATION = 6
 _JPEG_QUALITY = 80
@@ -692,7 +693,8 @@ def generate(
     Args:
       out_dir: a new or empty directory.
       seed: everything written is a deterministic function of it.
-      locations_per_split: {split: number of locations}, splits among train/val/test; default train 300, val 80.
+      locations_per_split: {split: number of locations}, splits among train/val/test; default train 300, val 80,
+        test 80.
       classes: fMoW class names, at most 8; the i-th is drawn as the i-th shape. Default SAMPLE_CLASSES.
       image_size_range: (low, high) of image widths and heights, in pixels.
       grain: standard deviation of the per-pixel sensor noise (pixels in [0, 1]). `BENCHMARK_GRAIN` makes the
@@ -731,12 +733,14 @@ def generate(
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m geo_contrast.sample_data",
-        description="Write a small synthetic fMoW-rgb tree (train and val splits) with learnable structure.",
+        description="Write a small synthetic fMoW-rgb tree (train, val and test splits) with learnable structure.",
     )
     parser.add_argument("out_dir", help="new or empty directory to write the tree into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_locations", type=int, default=_DEFAULT_LOCATIONS["train"])
     parser.add_argument("--val_locations", type=int, default=_DEFAULT_LOCATIONS["val"])
+    parser.add_argument("--test_locations", type=int, default=_DEFAULT_LOCATIONS["test"],
+                        help="0 writes no test split")
     parser.add_argument("--grain", type=float, default=DEFAULT_GRAIN,
                         help=f"sensor noise std; {BENCHMARK_GRAIN} for realistic JPEG sizes in input benchmarks")
     args = parser.parse_args(argv)
@@ -744,7 +748,8 @@ def main(argv=None):
         summary = generate(
             args.out_dir,
             seed=args.seed,
-            locations_per_split={"train": args.train_locations, "val": args.val_locations},
+            locations_per_split={split: n for split, n in (
+                ("train", args.train_locations), ("val", args.val_locations), ("test", args.test_locations)) if n},
             grain=args.grain,
         )
     except (ValueError, FileExistsError) as e:

@@ -205,14 +205,14 @@ def test_footprints_put_the_box_centre_of_every_revisit_on_one_point(small_tree)
 
 
 def test_summary_counts_what_is_on_disk(small_tree, default_tree):
-    for (root, summary), expected in ((small_tree, SMALL), (default_tree, {"train": 300, "val": 80})):
+    for (root, summary), expected in ((small_tree, SMALL), (default_tree, {"train": 300, "val": 80, "test": 80})):
         locations = _locations(root)
         on_disk = {
             split: {
                 "locations": sum(1 for k in locations if k[0] == split),
                 "images": sum(len(v) for k, v in locations.items() if k[0] == split),
             }
-            for split in ("train", "val")
+            for split in expected
         }
         assert summary == on_disk
         assert {split: counts["locations"] for split, counts in summary.items()} == expected
@@ -281,9 +281,12 @@ def test_cli_writes_the_tree_and_refuses_a_non_empty_directory(tmp_path):
         "3",
         "--val_locations",
         "2",
+        "--test_locations",
+        "0",
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     summary = json.loads(done.stdout)
+    assert set(summary) == {"train", "val"} and not (tmp_path / "tree" / "test").exists()
     for split, n_locations in (("train", 3), ("val", 2)):
         jpgs = [n for _, _, names in os.walk(tmp_path / "tree" / split) for n in names if n.endswith(".jpg")]
         assert summary[split] == {"locations": n_locations, "images": len(jpgs)}
