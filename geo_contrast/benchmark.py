@@ -4,7 +4,7 @@ r"""Throughput of the code the training runs, never a copy of it.
     python -m geo_contrast.benchmark --config=configs/fmow.py:sample --what=input --workdir=/tmp/bench
     python -m geo_contrast.benchmark --config=configs/fmow.py:sample --what=build
 
-- `step`: the pmapped `train_step.train_step` on synthetic device-resident batches (no input pipeline). Compile
+- `step`: pretraining's pmapped step (`train_setup.pmapped_step`) on synthetic device-resident batches (no input pipeline). Compile
   time is reported apart; FLOPs per step come from XLA's cost analysis of the compiled step, and MFU is
   achieved FLOP/s over the devices' peak where the device kind is known. `--feed=host` adds the per-step
   host-to-device copy (through the training loop's prefetch), `--nodonate` and `--config.model.compute_dtype=float32`
@@ -15,7 +15,6 @@ r"""Throughput of the code the training runs, never a copy of it.
 Each prints one JSON line at the end. Timings are for people, never for pass/fail tests.
 """
 
-import functools
 import itertools
 import json
 import os
@@ -89,9 +88,7 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
     size, per_device = config.input.image_size, config.input.global_batch // n
     dtype = train_setup.compute_dtype(config.model.compute_dtype)
     model = train_setup.build_model(config, 10 * (steps + warmup), dtype)
-    p_step = jax.pmap(functools.partial(ts.train_step, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
-                                        lr_fn=model.lr_fn, cfg=train_setup.step_config(config)),
-                      axis_name=ts.AXIS, donate_argnums=(0,) if donate else ())
+    p_step = train_setup.pmapped_step(config, model, donate=donate)  # What pretraining runs, stop vote included.
     state = replication.replicate(train_setup.initial_state(config, model))
     rng = np.random.default_rng(0)
     local = jax.local_device_count()
@@ -99,21 +96,22 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
         "query": rng.integers(0, 256, (local, per_device, size, size, 3), np.uint8),
         "key": rng.integers(0, 256, (local, per_device, size, size, 3), np.uint8),
         "geo_label": rng.integers(0, config.geo.num_clusters, (local, per_device)).astype(np.int32)}
+    no_stop = np.zeros(local, np.int32)
     if feed == "host":  # A fresh host-to-device copy per step, overlapped as the training loop overlaps it.
         batches = jax_utils.prefetch_to_device(
             itertools.repeat(host_batch), config.input.prefetch_batches, axis_name=ts.AXIS)
     else:
         batches = itertools.repeat(next(jax_utils.prefetch_to_device(iter([host_batch]), 1, axis_name=ts.AXIS)))
     t0 = time.perf_counter()
-    compiled = p_step.lower(state, next(batches)).compile()
+    compiled = p_step.lower(state, next(batches), no_stop).compile()
     compile_s = time.perf_counter() - t0
     flops_per_pair = 4 * encoder_forward_flops(model.encoder, state, size)
     for _ in range(warmup):
-        state, _ = compiled(state, next(batches))
+        state, _, _ = compiled(state, next(batches), no_stop)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, next(batches))
+        state, metrics, _ = compiled(state, next(batches), no_stop)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t0) / steps
     kind = jax.devices()[0].device_kind

@@ -23,7 +23,6 @@ Faults:
 """
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -31,7 +30,6 @@ import jax
 import numpy as np
 from absl import logging
 from flax import jax_utils
-from jax import lax
 from jax.experimental import multihost_utils
 
 from geo_contrast import checkpointing
@@ -73,13 +71,6 @@ def fit_or_load_clusters(config, workdir, train_index):
             f"{path} holds {len(centroids)} clusters but config.geo.num_clusters={config.geo.num_clusters}; use "
             "a new --workdir or the same value.")
     return centroids
-
-
-def voting_step(state, batch, stop_vote, *, model, cfg):
-    """`train_step` plus the number of devices whose process asked to stop (the same on every device)."""
-    state, metrics = ts.train_step(state, batch, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
-                                   lr_fn=model.lr_fn, cfg=cfg)
-    return state, metrics, lax.psum(stop_vote, ts.AXIS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +115,7 @@ def _pretrain(config, workdir, stop):
     else:
         state, _ = checkpointing.restore(mngr, start_step, train_setup.abstract_state(config, model))
         logging.info("Resumed from %s at step %d.", mngr.directory, start_step)
-    p_step = jax.pmap(functools.partial(voting_step, model=model, cfg=train_setup.step_config(config)),
-                      axis_name=ts.AXIS, donate_argnums=(0,))
+    p_step = train_setup.pmapped_step(config, model)
 
     # Data: this process's block of every global batch, from the start step on.
     host = input_pipeline.HostSlice.of_this_process()

@@ -114,6 +114,21 @@ def initial_state(config, model=None):
     return jax.device_get(jax.jit(_init_fn(config, model)).lower().compile(compiler_options=options)())
 
 
+def pmapped_step(config, model, *, donate=True):
+    """The step pretraining runs, pmapped: p_step(state, batch, stop_vote) -> (state, metrics, votes).
+
+    `train_step` plus the number of devices whose process asked to stop (the same on every device), so that all
+    processes stop after the same step. The state's buffers are donated (`donate=False` only to measure that).
+    """
+
+    def voting_step(state, batch, stop_vote):
+        state, metrics = ts.train_step(state, batch, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
+                                       lr_fn=model.lr_fn, cfg=step_config(config))
+        return state, metrics, jax.lax.psum(stop_vote, ts.AXIS)
+
+    return jax.pmap(voting_step, axis_name=ts.AXIS, donate_argnums=(0,) if donate else ())
+
+
 def step_config(config):
     return ts.StepConfig(temperature=config.moco.temperature, momentum=config.moco.momentum,
                          bn_groups=config.moco.bn_groups, infonce_weight=config.moco.infonce_weight,
