@@ -4,11 +4,12 @@ r"""Throughput of the code the training runs, never a copy of it.
     python -m geo_contrast.benchmark --config=configs/fmow.py:sample --what=input --workdir=/tmp/bench
     python -m geo_contrast.benchmark --config=configs/fmow.py:sample --what=build
 
-- `step`: pretraining's pmapped step (`train_setup.pmapped_step`) on synthetic device-resident batches (no input pipeline). Compile
-  time is reported apart; FLOPs per step come from XLA's cost analysis of the compiled step, and MFU is
-  achieved FLOP/s over the devices' peak where the device kind is known. `--feed=host` adds the per-step
-  host-to-device copy (through the training loop's prefetch), `--nodonate` and `--config.model.compute_dtype=float32`
-  take away buffer donation and bf16: each optimisation can be measured on its own.
+- `step`: pretraining's pmapped step (`train_setup.pmapped_step`) on synthetic device-resident batches (no input
+  pipeline). Compile time is reported apart; FLOPs per step come from XLA's cost analysis of the compiled step,
+  and MFU is achieved FLOP/s over the devices' peak where the device kind is known. `--feed=host` adds the
+  per-step host-to-device copy (through the training loop's prefetch); `--nodonate` and
+  `--config.model.compute_dtype=float32` take away buffer donation and bf16: each optimisation can be measured on
+  its own.
 - `input`: the real tf.data pretraining stream (decode only the pair, temporal sampling, MoCo-v2 augmentations,
   batching) over a built TFDS dataset, no model: pairs/s for this host.
 - `build`: the fMoW builder on the bundled sample (or `--manual_dir`): images/s.
@@ -39,9 +40,9 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fmow.
 flags.DEFINE_enum("what", "step", ["step", "input", "build"], "What to time.")
 flags.DEFINE_integer("steps", 20, "Timed steps (step) or batches (input).")
 flags.DEFINE_enum("feed", "device", ["device", "host"],
-                  "step: 'device' reuses one device-resident batch (the step alone); 'host' copies a host batch to "
-                  "the devices every step through prefetch_to_device(config.input.prefetch_batches), as training "
-                  "does.")
+                  "step: 'device' reuses one device-resident batch (the step alone); 'host' copies a host batch "
+                  "to the devices every step through prefetch_to_device(config.input.prefetch_batches), as "
+                  "training does.")
 flags.DEFINE_bool("donate", True, "step: donate the state's buffers to the step (--nodonate to measure the cost).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps/batches first.")
 flags.DEFINE_string("workdir", None, "Where a `sample` config builds its data (input); a temporary dir if unset.")
