@@ -130,7 +130,7 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
 def bench_input(config, steps, warmup, workdir):
     """pairs/s of this host's tf.data pretraining stream, no model."""
     from geo_contrast import input_pipeline  # TensorFlow: imported only by the targets that time it.
-    from geo_contrast import sample_dataset
+    from tfds_builders.fmow import sample as sample_dataset
     workdir = workdir or tempfile.mkdtemp(prefix="bench_input_")
     sample_dataset.prepare_if_sample(config, workdir)
     builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
@@ -159,7 +159,7 @@ def bench_build(manual_dir):
     """images/s of the fMoW builder (config rgb_256) over a generated sample or a given tree."""
     import tensorflow_datasets as tfds  # TensorFlow: imported only by the targets that time it.
     from geo_contrast import input_pipeline
-    from geo_contrast import sample_data
+    from tfds_builders.fmow import sample as sample_data
     from tfds_builders.fmow import fmow_dataset_builder
     root = tempfile.mkdtemp(prefix="bench_build_")
     if manual_dir is None:

@@ -10,8 +10,8 @@ import os
 import tensorflow_datasets as tfds
 from absl import logging
 
-from geo_contrast import sample_data
-from geo_contrast import sample_geo_imagenet
+from tfds_builders.fmow import sample as sample_data
+from tfds_builders.geo_imagenet import sample as sample_geo_imagenet
 from tfds_builders.fmow import fmow_dataset_builder
 from tfds_builders.geo_imagenet import geo_imagenet_dataset_builder
 

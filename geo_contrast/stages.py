@@ -17,7 +17,7 @@ from geo_contrast import config_lib
 from geo_contrast import linear_eval
 from geo_contrast import plots
 from geo_contrast import pretrain
-from geo_contrast import sample_dataset
+from tfds_builders.fmow import sample as sample_dataset
 
 STAGES = ("pretrain", "linear_eval")
 

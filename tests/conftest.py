@@ -3,7 +3,7 @@
 import pytest
 import tensorflow_datasets as tfds
 
-from geo_contrast import sample_data
+from tfds_builders.fmow import sample as sample_data
 from tfds_builders.fmow import fmow_dataset_builder
 
 

@@ -1,4 +1,4 @@
-"""Tests of the fMoW TFDS builder on tiny trees from `geo_contrast.sample_data`, and of its pure parsing rules.
+"""Tests of the fMoW TFDS builder on tiny trees from `tfds_builders.fmow.sample`, and of its pure parsing rules.
 
 Expected values come from the tree on disk and the JSONs, computed here independently (numpy triangle fans
 for centroids, `time.strptime` for times), never from the builder's own functions.
@@ -21,7 +21,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from geo_contrast import sample_data
+from tfds_builders.fmow import sample as sample_data
 from tfds_builders.fmow import fmow_dataset_builder
 from tfds_builders.fmow import fmow_format
 from tfds_builders.fmow import fmow_reader

@@ -16,7 +16,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from geo_contrast import sample_geo_imagenet
+from tfds_builders.geo_imagenet import sample as sample_geo_imagenet
 from tfds_builders.geo_imagenet import geo_imagenet_dataset_builder as gib
 
 BUILDER_DIR = pathlib.Path(gib.__file__).parent
@@ -274,7 +274,7 @@ def test_missing_geotags_csv_is_a_clear_error(tmp_path):
 
 def test_empty_manual_dir_is_a_clear_error(tmp_path):
     (tmp_path / "manual").mkdir()
-    with pytest.raises(AssertionError, match=r"does not exist or is empty(.|\n)*geo_contrast.geotag"):
+    with pytest.raises(AssertionError, match=r"does not exist or is empty(.|\n)*tfds_builders.geo_imagenet.geotag"):
         build(tmp_path / "manual", tmp_path / "data")
 
 

@@ -16,7 +16,7 @@ import urllib.parse
 
 import pytest
 
-from geo_contrast import flickr, geotag
+from tfds_builders.geo_imagenet import flickr, geotag
 from tfds_builders.geo_imagenet import geotags_format as fmt
 
 GOOD_KEY = "good-key"
@@ -442,7 +442,7 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path):
     out = tmp_path / "geotags.csv"
     server = FakeFlickr(truth)
     # 10 calls/s so the run lasts ~4 s and can be killed in the middle.
-    args = [sys.executable, "-m", "geo_contrast.geotag",
+    args = [sys.executable, "-m", "tfds_builders.geo_imagenet.geotag",
             *tool_args(urls, out, server.endpoint, calls_per_hour=36000)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:

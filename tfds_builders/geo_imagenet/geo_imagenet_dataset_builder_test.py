@@ -1,6 +1,6 @@
 """TFDS's standard builder checks over dummy_data/.
 
-dummy_data/ is `geo_contrast.sample_geo_imagenet.generate(seed=0, num_classes=3, images_per_class=6,
+dummy_data/ is `tfds_builders.geo_imagenet.sample.generate(seed=0, num_classes=3, images_per_class=6,
 layout="mixed", image_size_range=(24, 40))` with n02979186/n02979186_3.JPEG cut to half its bytes: 12 geotagged
 images, one synset as a tar, one corrupt JPEG (skipped). With the s64 config's val_fraction 0.2, the hash split
 sends n02102040_1 to val and the other 10 readable images to train.

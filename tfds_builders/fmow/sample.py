@@ -1,6 +1,6 @@
 r"""A small synthetic fMoW-rgb tree with learnable structure, for tests, the TFDS builder's dummy data and demos.
 
-    python -m geo_contrast.sample_data OUT_DIR [--seed 0] [--train_locations 300] [--val_locations 80] \
+    python -m tfds_builders.fmow.sample OUT_DIR [--seed 0] [--train_locations 300] [--val_locations 80] \
         [--test_locations 80] [--grain 0.01]
 
 The tree has the fMoW release's exact layout and per-image JSON schema (github.com/fMoW/dataset):
@@ -71,7 +71,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from tfds_builders.fmow.fmow_format import CLASS_NAMES
+from .fmow_format import CLASS_NAMES
 
 _SAMPLE_CLASS_NAMES = frozenset(
     (
@@ -652,20 +652,20 @@ def _write_location(root, location, shape, canvases, first_box_id, grain):
 def _check_args(out_dir, seed, locations_per_split, classes, image_size_range, grain):
     """Clear errors for bad arguments, before anything is written."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"sample_data: seed must be a non-negative int, got {seed!r}")
+        raise ValueError(f"sample: seed must be a non-negative int, got {seed!r}")
     if not 0 <= grain < 1:
-        raise ValueError(f"sample_data: grain must be in [0, 1) (noise std of pixels in [0, 1]), got {grain!r}")
+        raise ValueError(f"sample: grain must be in [0, 1) (noise std of pixels in [0, 1]), got {grain!r}")
     for split, n in locations_per_split.items():
         if split not in _SPLITS:
-            raise ValueError(f"sample_data: unknown split {split!r} in locations_per_split; known: {_SPLITS}")
+            raise ValueError(f"sample: unknown split {split!r} in locations_per_split; known: {_SPLITS}")
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"sample_data: locations_per_split[{split!r}] must be a positive int, got {n!r}")
+            raise ValueError(f"sample: locations_per_split[{split!r}] must be a positive int, got {n!r}")
     unknown = [c for c in classes if c not in CLASS_NAMES]
     if unknown:
-        raise ValueError(f"sample_data: classes {unknown} are not fMoW classes (tfds_builders.fmow.fmow_format)")
+        raise ValueError(f"sample: classes {unknown} are not fMoW classes (tfds_builders.fmow.fmow_format)")
     if len(set(classes)) != len(classes) or not 1 <= len(classes) <= len(_SHAPES):
         raise ValueError(
-            f"sample_data: classes must be 1..{len(_SHAPES)} distinct names (one shape each), got {list(classes)}"
+            f"sample: classes must be 1..{len(_SHAPES)} distinct names (one shape each), got {list(classes)}"
         )
     if not (
         len(image_size_range) == 2
@@ -673,10 +673,10 @@ def _check_args(out_dir, seed, locations_per_split, classes, image_size_range, g
         and 32 <= image_size_range[0] <= image_size_range[1]
     ):
         raise ValueError(
-            f"sample_data: image_size_range must be two ints with 32 <= low <= high, got {image_size_range}"
+            f"sample: image_size_range must be two ints with 32 <= low <= high, got {image_size_range}"
         )
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"sample_data: {out_dir} exists and is not empty; give a new or empty directory")
+        raise FileExistsError(f"sample: {out_dir} exists and is not empty; give a new or empty directory")
 
 
 def generate(
@@ -732,7 +732,7 @@ def generate(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m geo_contrast.sample_data",
+        prog="python -m tfds_builders.fmow.sample",
         description="Write a small synthetic fMoW-rgb tree (train, val and test splits) with learnable structure.",
     )
     parser.add_argument("out_dir", help="new or empty directory to write the tree into")

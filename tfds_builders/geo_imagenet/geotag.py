@@ -1,6 +1,6 @@
 """Geotag ImageNet's Flickr photos: the first step of making GeoImageNet.
 
-    python -m geo_contrast.geotag --urls fall11_urls.txt --api-key KEY --out geotags.csv
+    python -m tfds_builders.geo_imagenet.geotag --urls fall11_urls.txt --api-key KEY --out geotags.csv
 
 Reads ImageNet's fall11 URL list (`<wnid>_<n>\\t<url>` per line), asks Flickr's flickr.photos.geo.getLocation
 for every photo behind a Flickr static URL (other URLs are counted and skipped) and writes two append-only files:
@@ -32,10 +32,10 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, TextIO
 
-from geo_contrast import flickr
-from tfds_builders.geo_imagenet import geotags_format as fmt
+from . import flickr
+from . import geotags_format as fmt
 
-log = logging.getLogger("geo_contrast.geotag")
+log = logging.getLogger(__name__)
 
 DEFAULT_CALLS_PER_HOUR = 3000  # below Flickr's 3,600/hour, leaving room for other uses of the key
 
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m geo_contrast.geotag", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tfds_builders.geo_imagenet.geotag", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--urls", required=True, help="ImageNet fall11_urls.txt (<wnid>_<n>\\t<url> per line)")
     parser.add_argument("--out", required=True, help="geotags CSV to write (appended to; OUT.missing beside it)")

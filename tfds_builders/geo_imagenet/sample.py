@@ -1,6 +1,6 @@
 """A tiny made-up GeoImageNet manual dir in the real layout, for tests, the builder's dummy_data and demos.
 
-    python -m geo_contrast.sample_geo_imagenet OUT_DIR [--seed 0] [--classes 4] [--images_per_class 8]
+    python -m tfds_builders.geo_imagenet.sample OUT_DIR [--seed 0] [--classes 4] [--images_per_class 8]
                                                [--layout dirs|tars|mixed] [--no_words]
 
 Writes what `tfds build tfds_builders/geo_imagenet --manual_dir=OUT_DIR` reads:
@@ -23,7 +23,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from tfds_builders.geo_imagenet import geotags_format as fmt
+from . import geotags_format as fmt
 
 # Real wnids and names (the Imagenette classes), so words.txt looks like ImageNet's.
 SAMPLE_CLASSES = (
@@ -137,7 +137,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m geo_contrast.sample_geo_imagenet", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tfds_builders.geo_imagenet.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)

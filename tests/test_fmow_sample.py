@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geo_contrast import sample_data
+from tfds_builders.fmow import sample as sample_data
 from tfds_builders.fmow.fmow_format import CLASS_NAMES
 
 # Every key of the release's example record (fmow-format.md).
@@ -273,7 +273,7 @@ def test_cli_writes_the_tree_and_refuses_a_non_empty_directory(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "geo_contrast.sample_data",
+        "tfds_builders.fmow.sample",
         str(tmp_path / "tree"),
         "--seed",
         "2",
