@@ -93,14 +93,13 @@ def get_config(arg=None):
 
 
 def _scale_to_sample(c):
-    """The bundled sample on 2 CPU cores: the same code paths, a narrow ResNet-18 at 64 px, about 5 minutes.
+    """The bundled sample on 2 CPU cores: the same code paths, a narrow ResNet-18 at 64 px, a few minutes.
 
-    Measured choices (pretrained vs random-init probe on the sample's val split): the authors' temperature 0.02
-    and a queue of 10-100% of the ~1,000 images collapse here (too many same-location keys in the queue act as
-    hard negatives), so the sample uses MoCo-v2's 0.2 and a 128-key queue; a 40-epoch run needs a faster key
-    encoder (momentum 0.99) and a larger learning rate; crops of at least half the image keep the object in view
-    at 64 px. With these the pretrained probe beats the random one by +4 to +38 points of val top-1 over seeds 0-2:
-    the outcome of so short a run varies widely (README, Quick start).
+    Why each value (the README's quick start reports the outcome): the sample has ~1,000 images, so a queue of
+    65,536 keys (or any queue of a sizeable share of the images) would hold many keys of the query's own
+    location, hard false negatives at temperature 0.02: a 128-key queue and MoCo-v2's temperature 0.2 instead.
+    A run of a few hundred steps needs a key encoder that follows faster (momentum 0.99) and a larger learning
+    rate; crops of at least half the image keep the object in view at 64 px.
     """
     c.dataset.name = "fmow/rgb_64"
     c.dataset.generate_sample = True

@@ -22,7 +22,6 @@ def get_config(arg=None):
         )
     c = fmow.get_config(f"variant={arg.variant}" + (",sample" if arg.sample else ""))
     c.dataset.name = "geo_imagenet/s64" if arg.sample else "geo_imagenet/s256"
-    c.dataset.test_split = "test"  # GeoImageNet is split train/val only: no test split is evaluated.
     if arg.sample:
         c.geo.num_clusters = 6
         c.input.global_batch = 16

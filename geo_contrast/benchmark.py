@@ -25,15 +25,13 @@ import time
 from absl import app
 from absl import flags
 import jax
-from flax import jax_utils
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
 from geo_contrast import config_lib
-from geo_contrast import replication
+from geo_contrast import devices
 from geo_contrast import train_setup
-from geo_contrast import train_step as ts
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fmow.py:sample.", lock_config=True)
@@ -85,12 +83,12 @@ def encoder_forward_flops(encoder, state, size, batch=8):
 def bench_step(config, steps, warmup, feed="device", donate=True):
     """pairs/s of the pmapped train step on synthetic batches, device-resident or fed from the host (`feed`)."""
     n = jax.device_count()
-    config_lib.validate_pretrain(config, n)
+    config_lib.validate(config, num_devices=n, num_local_devices=jax.local_device_count(), stages=("pretrain",))
     size, per_device = config.input.image_size, config.input.global_batch // n
     dtype = train_setup.compute_dtype(config.model.compute_dtype)
     model = train_setup.build_model(config, 10 * (steps + warmup), dtype)
     p_step = train_setup.pmapped_step(config, model, donate=donate)  # What pretraining runs, stop vote included.
-    state = replication.replicate(train_setup.initial_state(config, model))
+    state = devices.replicate(train_setup.initial_state(config, model))
     rng = np.random.default_rng(0)
     local = jax.local_device_count()
     host_batch = {
@@ -99,10 +97,9 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
         "geo_label": rng.integers(0, config.geo.num_clusters, (local, per_device)).astype(np.int32)}
     no_stop = np.zeros(local, np.int32)
     if feed == "host":  # A fresh host-to-device copy per step, overlapped as the training loop overlaps it.
-        batches = jax_utils.prefetch_to_device(
-            itertools.repeat(host_batch), config.input.prefetch_batches, axis_name=ts.AXIS)
+        batches = devices.shard(itertools.repeat(host_batch), config.input.prefetch_batches)
     else:
-        batches = itertools.repeat(next(jax_utils.prefetch_to_device(iter([host_batch]), 1, axis_name=ts.AXIS)))
+        batches = itertools.repeat(next(devices.shard(iter([host_batch]), 1)))
     t0 = time.perf_counter()
     compiled = p_step.lower(state, next(batches), no_stop).compile()
     compile_s = time.perf_counter() - t0
@@ -130,7 +127,7 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
 def bench_input(config, steps, warmup, workdir):
     """pairs/s of this host's tf.data pretraining stream, no model."""
     from geo_contrast import input_pipeline  # TensorFlow: imported only by the targets that time it.
-    from tfds_builders.fmow import sample as sample_dataset
+    from geo_contrast import sample_dataset
     workdir = workdir or tempfile.mkdtemp(prefix="bench_input_")
     sample_dataset.prepare_if_sample(config, workdir)
     builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)

@@ -59,10 +59,40 @@ def _variant(variant):
     return VARIANTS[variant]
 
 
-def validate_pretrain(config, num_devices):
-    """Refuses impossible values before any data is read or any device computes, each naming the field and
-    the fix. `num_devices` is the global device count (all processes)."""
+STAGES = ("pretrain", "linear_eval")
+LINEAR_EVAL_SCHEDULES = ("step", "cosine")
+
+
+def scaled_lr(base_lr, global_batch):
+    """The linear scaling rule of MoCo and main_lincls.py: `base_lr` is the rate for a batch of 256."""
+    return base_lr * global_batch / 256
+
+
+def stage_names(config):
+    """The stages `config.stages` names, in order; a ConfigError for an empty or unknown one."""
+    names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise ConfigError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; use a comma-separated "
+                          f"subset of {list(STAGES)}.")
+    return names
+
+
+def validate(config, *, num_devices, num_local_devices, stages=None):
+    """The one validation of a config: every check of the stages it runs (`stages`, default `config.stages`),
+    before any data is read or any device computes. Each error names the field and the fix.
+
+    `num_devices` is the global device count (all processes), `num_local_devices` this process's.
+    """
+    names = stage_names(config) if stages is None else stages
     _variant(config.variant)
+    if "pretrain" in names:
+        _validate_pretrain(config, num_devices)
+    if "linear_eval" in names:
+        _validate_linear_eval(config.linear_eval, num_local_devices)
+
+
+def _validate_pretrain(config, num_devices):
     if not config.dataset.name:
         raise ConfigError("config.dataset.name is empty; use a built TFDS dataset such as fmow/rgb_256.")
     batch = config.input.global_batch
@@ -119,6 +149,22 @@ def validate_pretrain(config, num_devices):
             f"config.log_every_steps={config.log_every_steps} and config.checkpoint_every_steps="
             f"{config.checkpoint_every_steps} must both be > 0."
         )
+
+
+def _validate_linear_eval(lc, num_local_devices):
+    if lc.schedule not in LINEAR_EVAL_SCHEDULES:
+        raise ConfigError(f"config.linear_eval.schedule={lc.schedule!r}; choose one of "
+                          f"{list(LINEAR_EVAL_SCHEDULES)}.")
+    if lc.num_epochs <= 0 or lc.base_lr <= 0:
+        raise ConfigError("config.linear_eval.num_epochs and config.linear_eval.base_lr must be > 0.")
+    if lc.global_batch <= 0 or lc.global_batch % num_local_devices:
+        raise ConfigError(f"config.linear_eval.global_batch={lc.global_batch} must be a positive multiple of the "
+                          f"local device count ({num_local_devices}).")
+    if not 0 < lc.image_size <= lc.resize_size:
+        raise ConfigError(f"config.linear_eval: need 0 < image_size ({lc.image_size}) <= resize_size "
+                          f"({lc.resize_size}).")
+    if not lc.init:
+        raise ConfigError("config.linear_eval.init is empty; use 'pretrained', 'random' or a checkpoint path.")
 
 
 def validate_against_data(config, *, num_images, num_distinct_locations):

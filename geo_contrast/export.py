@@ -23,54 +23,17 @@ weights saved with ``safetensors.torch.save_file``) into the Flax ResNet: pretra
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-from typing import Any
+import sys
 
 import numpy as np
-import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
-from geo_contrast import checkpointing
 from geo_contrast import pixels
-from geo_contrast import pretrain
 from geo_contrast import torchvision_layout
+from geo_contrast import workdir as workdir_lib
 from geo_contrast.models import resnet
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    meta: dict  # What pretrain.pretrain saved beside the state: variant, config, total_steps, ...
-    state: Any  # The TrainState's fields as nested dicts of numpy arrays, or None (metadata only).
-
-
-def read_checkpoint(workdir: str, step: int | None = None, *, with_state: bool = True) -> Checkpoint:
-    """The pretraining checkpoint `step` (default: the latest) of WORKDIR/checkpoints, with its metadata.
-
-    The state is restored without a template, so any variant and architecture reads without rebuilding the
-    model; `with_state=False` reads only the metadata (state None), which is cheap.
-    """
-    directory = os.path.abspath(os.path.join(workdir, pretrain.CHECKPOINT_DIR))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} does not exist: no pretraining checkpoints in --workdir={workdir}.")
-    reader = checkpointing.reader(directory)
-    steps = reader.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"{directory} holds no finished pretraining checkpoint.")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}.")
-    items = {"meta": ocp.args.JsonRestore()}
-    if with_state:
-        items["state"] = ocp.args.StandardRestore()
-    restored = reader.restore(step, args=ocp.args.Composite(**items))
-    meta = restored["meta"]
-    if "config" not in meta:
-        raise ValueError(f"Checkpoint {directory}/{step} has no pretraining config in its metadata; it was not "
-                         "written by geo_contrast.pretrain.")
-    return Checkpoint(step, meta, restored["state"] if with_state else None)
 
 
 def encoder_tensors(state, step: int, *, heads: bool) -> dict:
@@ -119,15 +82,10 @@ def export_metadata(meta: dict, step: int, *, heads: bool, geo_centroids_latlon=
 
 def export(workdir: str, out: str, *, heads: bool = False, step: int | None = None) -> dict:
     """Writes the checkpoint's encoder to `out` (safetensors, replaced atomically); returns its metadata."""
-    ckpt = read_checkpoint(workdir, step)
+    ckpt = workdir_lib.read_run(workdir_lib.checkpoints_dir(workdir), step, with_state=True)
     centroids = None
     if heads and "geo_head" in ckpt.state["params"]:
-        clusters = os.path.join(workdir, pretrain.CLUSTERS_FILE)
-        if not os.path.exists(clusters):
-            raise FileNotFoundError(f"{clusters} is missing: the geo head's classes are its clusters, which "
-                                    "pretraining writes there. Export without --heads, or restore the file.")
-        with np.load(clusters) as f:
-            centroids = f["centroids_latlon"]
+        _, centroids = workdir_lib.read_clusters(workdir)  # The geo head's classes are the clusters.
     metadata = export_metadata(ckpt.meta, ckpt.step, heads=heads, geo_centroids_latlon=centroids)
     tensors = encoder_tensors(ckpt.state, ckpt.step, heads=heads)
     out = os.path.abspath(out)
@@ -146,7 +104,11 @@ def main(argv=None):
                         help="Also export the projection head and, for geo variants, the geo head.")
     parser.add_argument("--step", type=int, default=None, help="Checkpoint step to export (default: the latest).")
     args = parser.parse_args(argv)
-    metadata = export(args.workdir, args.out, heads=args.heads, step=args.step)
+    try:
+        metadata = export(args.workdir, args.out, heads=args.heads, step=args.step)
+    except workdir_lib.WorkdirError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
     print(f"Wrote {args.out}: {metadata['architecture']} (width {metadata['width']}), variant "
           f"{metadata['variant']}, step {metadata['step']}, heads: {metadata['heads'] or 'none'}.")
 

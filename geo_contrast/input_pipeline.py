@@ -1,4 +1,5 @@
-"""tf.data pipelines over the built TFDS datasets: temporal MoCo pairs for pretraining.
+"""tf.data pipelines over the built TFDS datasets: temporal MoCo pairs for pretraining, and one element per
+image under the evaluation views (the linear probe).
 
 Design (why it looks like this):
 - The stored examples are *locations* (a time series of JPEGs). An epoch runs over *images*, as in the
@@ -196,13 +197,8 @@ def pretrain_dataset(
     position start_step * global_batch is reached by starting at the right epoch and skipping (not decoding)
     the rest of it.
     """
-    rows = global_batch // host.process_count
+    rows = global_batch // host.process_count  # Whole: config_lib.validate checks the device count divides it.
     per_device = rows // host.local_devices
-    if per_device * host.local_devices * host.process_count != global_batch:
-        raise ValueError(
-            f"global_batch={global_batch} does not split evenly over {host.process_count} processes "
-            f"x {host.local_devices} devices."
-        )
     position = start_step * global_batch
     first_epoch, skip = divmod(position, images_per_epoch)
     locations = encoded_locations(builder, split, tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None))
@@ -244,3 +240,70 @@ def with_geo_labels(batches, centroids):
         else:
             batch["geo_label"] = np.zeros(coords.shape[:-1], np.int32)
         yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation views: one element per image (the stored examples are locations)
+
+
+def split_images(builder, split):
+    """One element per image of `split`: {"image": encoded JPEG, "label", "location": the location's index}.
+
+    Locations are read in the split's stored order, so the index is stable across reads.
+    """
+    locations = encoded_locations(builder, split)
+
+    def expand(index, example):
+        images = example["images"]
+        n = tf.shape(images)[0]
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images, "label": tf.fill([n], example["label"]), "location": tf.fill([n], index)})
+
+    return locations.enumerate().flat_map(expand)
+
+
+def pad_batch(batch, size):
+    """Zero-pads every array of `batch` to `size` rows and adds "weight": 1 for real rows, 0 for padding."""
+    n = len(next(iter(batch.values())))
+    if n > size:
+        raise ValueError(f"pad_batch: batch of {n} rows exceeds size {size}.")
+    padded = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    padded["weight"] = (np.arange(size) < n).astype(np.float32)
+    return padded
+
+
+def _padded_batches(dataset, batch_size):
+    """Every element once, in batches of `batch_size` (the last padded and masked, as torch's DataLoader keeps
+    a partial batch)."""
+    options = tf.data.Options()
+    options.deterministic = True
+    dataset = dataset.batch(batch_size).prefetch(2).with_options(options)
+    for batch in dataset.as_numpy_iterator():
+        yield pad_batch(batch, batch_size)
+
+
+def eval_batches(builder, split, *, image_size, resize_size, batch_size):
+    """Padded batches {"image", "label", "location", "weight"} of `split` under the eval transform
+    (augment.eval_view: resize the shorter side, centre crop)."""
+    dataset = split_images(builder, split).map(
+        lambda ex: {**ex, "image": augment.eval_view(ex["image"], image_size, resize_size)},
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return _padded_batches(dataset, batch_size)
+
+
+def lincls_train_batches(builder, split, *, image_size, resize_size, batch_size, seed, epoch, shuffle_buffer):
+    """One epoch of padded batches {"inputs": augmented images, "label", "weight"} of `split`, shuffled, under
+    main_lincls.py's training view (augment.train_view_lincls: resize the shorter side, random crop).
+
+    Shuffle order and crops are functions of (seed, epoch, position), so a rerun sees the same epochs.
+    """
+    epoch_seed = seed * 1_000_003 + epoch
+
+    def view(index, ex):
+        crop_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, epoch], tf.int64), index)
+        return {"inputs": augment.train_view_lincls(ex["image"], crop_seed, image_size, resize_size),
+                "label": ex["label"]}
+
+    dataset = (split_images(builder, split).shuffle(shuffle_buffer, seed=epoch_seed).enumerate()
+               .map(view, num_parallel_calls=tf.data.AUTOTUNE))
+    return _padded_batches(dataset, batch_size)

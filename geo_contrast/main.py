@@ -19,11 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from geo_contrast import checkpointing
-from geo_contrast import config_lib
 from geo_contrast import distributed
 from geo_contrast import input_pipeline
-from geo_contrast import pretrain
 from geo_contrast import stages
 
 FLAGS = flags.FLAGS
@@ -38,8 +35,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes in the run (imp
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (implies --distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_USER_ERRORS = (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, stages.WorkdirError,
-                checkpointing.CheckpointError, distributed.DistributedInitError, pretrain.NonFiniteLossError)
+_USER_ERRORS = stages.USER_ERRORS + (distributed.DistributedInitError,)
 
 
 class _QuietLibraries:

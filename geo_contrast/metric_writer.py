@@ -7,6 +7,8 @@ import time
 import jax
 import tensorflow as tf
 
+from geo_contrast import workdir as workdir_lib
+
 
 class MetricWriter:
     """Appends to `{prefix}metrics.jsonl`; with `resume_step`, first drops the rows of later steps.
@@ -20,13 +22,12 @@ class MetricWriter:
         self._prefix = prefix
         if self._enabled:
             os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, f"{prefix}metrics.jsonl")
+            path = workdir_lib.metrics_path(workdir, prefix)
             if resume_step is not None:
                 _drop_rows_after(path, resume_step)
             self._jsonl = open(path, "a", buffering=1)
             self._tb = tf.summary.create_file_writer(
-                os.path.join(workdir, "tensorboard", prefix.strip("_") or "train")
-            )
+                workdir_lib.tensorboard_dir(workdir, prefix.strip("_") or "train"))
 
     def write(self, step, metrics):
         if not self._enabled:

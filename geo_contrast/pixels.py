@@ -1,9 +1,9 @@
 """How pixels reach the model: uint8 from the host, standardised on the accelerator.
 
 The pretraining input pipeline ends its augmentations with uint8 pixels, as MoCo-v2's PIL pipeline does before
-`ToTensor`, and the train step standardises them on the device. A float32 batch is 4x the bytes: at ResNet-50,
-224 px, batch 512 on an H100, copying float32 batches to the device every step halved the step rate (2,237 vs
-4,280 pairs/s with the batch already on the device). TensorFlow-free, so the train step does not import TF.
+`ToTensor`, and the train step standardises them on the device: a float32 batch is 4x the bytes to copy to the
+accelerator every step, which on a fast accelerator costs a large part of the step (README, Performance, measures
+it). TensorFlow-free, so the train step does not import TF.
 """
 
 import jax.numpy as jnp

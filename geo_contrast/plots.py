@@ -23,21 +23,17 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from geo_contrast import export
 from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
-from geo_contrast import pretrain
 from geo_contrast import results
+from geo_contrast import workdir as workdir_lib
 
-PLOTS_DIR = "plots"
-METRICS_FILE = "metrics.jsonl"
 CURVES_PNG = "training_curves.png"
 CLUSTERS_PNG = "geo_clusters.png"
 PER_CLASS_PREFIX = "per_class_"
@@ -214,17 +210,15 @@ def write_per_class(plots_dir: str, all_results: dict) -> list:
 def write_cluster_map(plots_dir: str, workdir: str, config) -> str | None:
     """The cluster map of the run's geo_clusters.npz over its training split, or None when there is nothing
     to draw (a variant without geo clusters) or no config says where the dataset is."""
-    clusters_path = os.path.join(workdir, pretrain.CLUSTERS_FILE)
-    if not os.path.exists(clusters_path):
+    if not os.path.exists(workdir_lib.clusters_path(workdir)):
         return None
     if config is None:
         try:
-            config = ml_collections.ConfigDict(export.read_checkpoint(workdir, with_state=False).meta["config"])
-        except FileNotFoundError as e:
+            config = workdir_lib.read_run(workdir_lib.checkpoints_dir(workdir)).config
+        except workdir_lib.WorkdirError as e:
             logging.info("No geo cluster map: no config given and no checkpoint to take it from (%s).", e)
             return None
-    with np.load(clusters_path) as f:
-        centroids = f["centroids"]
+    centroids, _ = workdir_lib.read_clusters(workdir)
     builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
     index = input_pipeline.read_location_index(builder, config.dataset.train_split)
     fig = cluster_map_figure(index.coordinates, centroids, index.num_images)
@@ -233,7 +227,7 @@ def write_cluster_map(plots_dir: str, workdir: str, config) -> str | None:
 
 def log_to_tensorboard(workdir: str, paths, step: int) -> None:
     """Each PNG as a TensorBoard image named by its file name, in WORKDIR/tensorboard/plots at `step`."""
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", PLOTS_DIR))
+    writer = tf.summary.create_file_writer(workdir_lib.tensorboard_dir(workdir, workdir_lib.PLOTS))
     with writer.as_default(step=step):
         for path in paths:
             image = tf.io.decode_png(tf.io.read_file(path), channels=3)
@@ -249,11 +243,11 @@ def write_all(workdir: str, config=None) -> list:
     """
     if jax.process_index() != 0:
         return []
-    plots_dir = os.path.join(workdir, PLOTS_DIR)
+    plots_dir = workdir_lib.plots_dir(workdir)
     os.makedirs(plots_dir, exist_ok=True)
     written = []
     step = 0
-    metrics_path = os.path.join(workdir, METRICS_FILE)
+    metrics_path = workdir_lib.metrics_path(workdir)
     if os.path.exists(metrics_path):
         series = read_metrics(metrics_path)
         if series:

@@ -29,21 +29,17 @@ import os
 import jax
 import numpy as np
 from absl import logging
-from flax import jax_utils
 from jax.experimental import multihost_utils
 
 from geo_contrast import checkpointing
 from geo_contrast import config_lib
+from geo_contrast import devices
 from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
 from geo_contrast import preemption
-from geo_contrast import replication
 from geo_contrast import train_setup
-from geo_contrast import train_step as ts
-
-CLUSTERS_FILE = "geo_clusters.npz"
-CHECKPOINT_DIR = "checkpoints"
+from geo_contrast import workdir as workdir_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,16 +52,13 @@ def fit_or_load_clusters(config, workdir, train_index):
     Process 0 fits and writes them; every process then reads the file (after a barrier when there are several),
     so all label pairs with exactly the same float64 centroids.
     """
-    path = os.path.join(workdir, CLUSTERS_FILE)
+    path = workdir_lib.clusters_path(workdir)
     if jax.process_index() == 0 and not os.path.exists(path):
         centroids = geo_clusters.fit(train_index.image_coordinates, config.geo.num_clusters, seed=config.seed)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, centroids=centroids, centroids_latlon=geo_clusters.centroids_latlon(centroids))
-        os.replace(tmp, path)
+        workdir_lib.write_clusters(workdir, centroids, geo_clusters.centroids_latlon(centroids))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("geo clusters written")
-    with np.load(path) as f:
-        centroids = f["centroids"]
+    centroids, _ = workdir_lib.read_clusters(workdir)
     if len(centroids) != config.geo.num_clusters:
         raise config_lib.ConfigError(
             f"{path} holds {len(centroids)} clusters but config.geo.num_clusters={config.geo.num_clusters}; use "
@@ -90,14 +83,13 @@ def pretrain(config, workdir):
 
 
 def _pretrain(config, workdir, stop):
-    # Checks: the config, the data, the workdir; all before any model exists.
-    config_lib.validate_pretrain(config, jax.device_count())
+    # Checks: the data against the (validated) config, the workdir; all before any model exists.
     builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
     train_index = input_pipeline.read_location_index(builder, config.dataset.train_split)
     total_images = int(train_index.num_images.sum())
     config_lib.validate_against_data(config, num_images=total_images,
                                      num_distinct_locations=train_index.num_distinct_locations)
-    mngr = checkpointing.manager(os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints)
+    mngr = checkpointing.manager(workdir_lib.checkpoints_dir(workdir), keep=config.keep_checkpoints)
     global_batch = config.input.global_batch
     steps_per_epoch = total_images // global_batch
     total_steps = steps_per_epoch * config.optim.num_epochs
@@ -124,15 +116,14 @@ def _pretrain(config, workdir, stop):
         image_size=config.input.image_size, crop_scale=tuple(config.input.crop_scale), global_batch=global_batch,
         host=host, seed=config.seed, start_step=start_step, images_per_epoch=total_images,
         shuffle_buffer=config.input.shuffle_buffer)
-    batches = jax_utils.prefetch_to_device(
-        input_pipeline.with_geo_labels(data.as_numpy_iterator(), centroids), config.input.prefetch_batches,
-        axis_name=ts.AXIS)
+    batches = devices.shard(input_pipeline.with_geo_labels(data.as_numpy_iterator(), centroids),
+                            config.input.prefetch_batches)
 
     meta = {"variant": config.variant, "config": json.loads(config.to_json()), "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch, "train_images": total_images}
     writer = metric_writer.MetricWriter(workdir, resume_step=start_step)
     progress = metric_writer.Progress(total_steps, global_batch, start_step)
-    state = replication.replicate(state)
+    state = devices.replicate(state)
     pending = []  # Device-side metrics of steps not yet fetched: no host sync inside an interval.
     previous_votes = None
     stopped_by = None
@@ -147,7 +138,7 @@ def _pretrain(config, workdir, stop):
             step += 1
             pending.append((step, metrics))
             # The previous step's votes: waits for that step only, while this one is already queued.
-            if previous_votes is not None and replication.unreplicate(previous_votes) > 0:
+            if previous_votes is not None and devices.unreplicate(previous_votes) > 0:
                 stopped_by = stop.requested or "a signal to another process"
             previous_votes = votes
             checkpoint = (step % config.checkpoint_every_steps == 0 or step == total_steps
@@ -156,7 +147,7 @@ def _pretrain(config, workdir, stop):
                 _flush_metrics(pending, writer, progress)
                 pending = []
             if checkpoint:
-                checkpointing.save(mngr, step, replication.unreplicate(state), meta)
+                checkpointing.save(mngr, step, devices.unreplicate(state), meta)
             if stopped_by is not None:
                 break
         checkpointing.wait(mngr)
@@ -172,7 +163,7 @@ def _flush_metrics(pending, writer, progress):
     """Fetches the interval's metrics, stops on a non-finite loss, writes them; process 0 prints progress."""
     fetched = jax.device_get([m for _, m in pending])
     for (step, _), metrics in zip(pending, fetched):
-        metrics = replication.unreplicate(metrics)
+        metrics = devices.unreplicate(metrics)
         if not np.isfinite(metrics["loss"]):
             raise NonFiniteLossError(
                 f"Loss is {metrics['loss']} at step {step}; stopping. The last checkpoint (before this "
@@ -180,4 +171,4 @@ def _flush_metrics(pending, writer, progress):
         writer.write(step, metrics)
     if jax.process_index() == 0:
         last_step = pending[-1][0]
-        print(progress.line(last_step, float(replication.unreplicate(fetched[-1])["loss"])), flush=True)
+        print(progress.line(last_step, float(devices.unreplicate(fetched[-1])["loss"])), flush=True)

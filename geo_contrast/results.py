@@ -10,8 +10,8 @@ import json
 import os
 import re
 
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
+from geo_contrast import workdir as workdir_lib
+
 RANDOM = "random"
 _SPLIT_ORDER = ("train", "val", "test")
 
@@ -27,7 +27,7 @@ def slug(key):
 
 def load(workdir):
     """The workdir's results ({} when there are none yet)."""
-    path = os.path.join(workdir, RESULTS_JSON)
+    path, _ = workdir_lib.results_paths(workdir)
     if not os.path.exists(path):
         return {}
     try:
@@ -43,8 +43,9 @@ def update(workdir, key, entry):
     all_results = load(workdir)
     all_results.setdefault("linear_eval", {})[key] = entry
     markdown = render_markdown(all_results["linear_eval"])
-    _write_atomic(os.path.join(workdir, RESULTS_JSON), json.dumps(all_results, indent=2, sort_keys=True) + "\n")
-    _write_atomic(os.path.join(workdir, RESULTS_MD), markdown)
+    json_path, markdown_path = workdir_lib.results_paths(workdir)
+    _write_atomic(json_path, json.dumps(all_results, indent=2, sort_keys=True) + "\n")
+    _write_atomic(markdown_path, markdown)
     return markdown
 
 

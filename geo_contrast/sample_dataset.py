@@ -10,6 +10,7 @@ import os
 import tensorflow_datasets as tfds
 from absl import logging
 
+from geo_contrast import workdir as workdir_lib
 from tfds_builders.fmow import sample as sample_data
 from tfds_builders.geo_imagenet import sample as sample_geo_imagenet
 from tfds_builders.fmow import fmow_dataset_builder
@@ -29,7 +30,7 @@ def prepare_if_sample(config, workdir):
     if not config.dataset.generate_sample:
         return
     if config.dataset.data_dir is None:
-        config.dataset.data_dir = os.path.join(workdir, "data")
+        config.dataset.data_dir = os.path.join(workdir, workdir_lib.SAMPLE_DATA)
     dataset, _, builder_config = config.dataset.name.partition("/")
     if dataset not in SAMPLES:
         raise ValueError(f"config.dataset.generate_sample is set, but there is no bundled sample of {dataset!r}; "
@@ -38,7 +39,7 @@ def prepare_if_sample(config, workdir):
     builder = builder_class(config=builder_config or None, data_dir=config.dataset.data_dir)
     if builder.is_prepared():
         return
-    manual_dir = os.path.join(workdir, f"sample_{dataset}")
+    manual_dir = workdir_lib.sample_manual_dir(workdir, dataset)
     if not os.path.isdir(manual_dir):
         summary = generate(manual_dir, config.seed)
         logging.info("Generated the %s sample in %s: %s", dataset, manual_dir, summary)

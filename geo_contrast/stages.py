@@ -1,42 +1,37 @@
 """Runs the stages a config names (`config.stages`, e.g. "pretrain,linear_eval") in order.
 
-Before any of them: the config is validated and the workdir made, so a bad value or an unusable directory is
-reported at once. A pretraining stopped by a signal (preemption) ends the run there: its checkpoint is saved
-and the same command resumes it, so the later stages must not start on an unfinished encoder.
-With `config.linear_eval.compare_random`, the probe of the random-init encoder (the floor) follows the
-pretrained one, so results.md shows the margin. The run's plots (plots.py) are drawn at the end.
-"""
+Before any of them: the whole config is validated once (config_lib.validate) and the workdir made, so a bad
+value or an unusable directory is reported at once. A pretraining stopped by a signal (preemption) ends the run
+there: its checkpoint is saved and the same command resumes it, so the later stages must not start on an
+unfinished encoder. With `config.linear_eval.compare_random`, the probe of the random-init encoder (the floor)
+follows the pretrained one, so results.md shows the margin. The run's plots (plots.py) are drawn at the end.
 
-import os
-import tempfile
+This is the only module that runs the trainer (pretrain.py); every other stage and tool reads what it left in
+the workdir through workdir.py.
+"""
 
 import jax
 from jax.experimental import multihost_utils
 
+from geo_contrast import checkpointing
 from geo_contrast import config_lib
+from geo_contrast import input_pipeline
 from geo_contrast import linear_eval
 from geo_contrast import plots
 from geo_contrast import pretrain
-from tfds_builders.fmow import sample as sample_dataset
+from geo_contrast import sample_dataset
+from geo_contrast import workdir as workdir_lib
 
-STAGES = ("pretrain", "linear_eval")
-
-
-class WorkdirError(OSError):
-    pass
+# Problems a user can fix (a bad config value, a dataset that is not built, an unusable workdir or checkpoint, a
+# failed checkpoint write, a diverged loss): main.py prints their message on one line and exits 1.
+USER_ERRORS = (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, workdir_lib.WorkdirError,
+               checkpointing.CheckpointError, pretrain.NonFiniteLossError)
 
 
 def run(config, workdir):
-    names = [s.strip() for s in config.stages.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STAGES]
-    if unknown or not names:
-        raise config_lib.ConfigError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; use a "
-                                     f"comma-separated subset of {list(STAGES)}.")
-    if "pretrain" in names:
-        config_lib.validate_pretrain(config, jax.device_count())
-    if "linear_eval" in names:
-        linear_eval.validate(config.linear_eval, jax.local_device_count())
-    workdir = prepare_workdir(workdir)
+    names = config_lib.stage_names(config)
+    config_lib.validate(config, num_devices=jax.device_count(), num_local_devices=jax.local_device_count())
+    workdir = workdir_lib.prepare(workdir)
     _prepare_sample(config, workdir)
     if "pretrain" in names:
         outcome = pretrain.pretrain(config, workdir)
@@ -61,15 +56,3 @@ def _prepare_sample(config, workdir):
         multihost_utils.sync_global_devices("sample dataset prepared")
     if not first:
         sample_dataset.prepare_if_sample(config, workdir)
-
-
-def prepare_workdir(workdir):
-    """The absolute workdir, created if needed; a WorkdirError naming it when it cannot be made or written."""
-    workdir = os.path.abspath(workdir)
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        tempfile.TemporaryFile(dir=workdir).close()
-    except OSError as e:
-        raise WorkdirError(f"Cannot use --workdir={workdir}: {e.strerror or e}. Choose a writable directory "
-                           "(with several hosts, one they all see).") from e
-    return workdir

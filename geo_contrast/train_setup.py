@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from geo_contrast import config_lib
+from geo_contrast import devices
 from geo_contrast import torchvision_layout
 from geo_contrast import train_step as ts
 from geo_contrast.models import moco
@@ -34,7 +35,7 @@ def build_encoder(model_config, dtype=jnp.float32):
 
 def learning_rate_schedule(config, total_steps):
     """SGD lr 0.03 x global_batch / 256 with a cosine decay to 0 over the run (MoCo-v2)."""
-    peak = config.optim.base_lr * config.input.global_batch / 256
+    peak = config_lib.scaled_lr(config.optim.base_lr, config.input.global_batch)
     return optax.cosine_decay_schedule(peak, decay_steps=max(total_steps, 1))
 
 
@@ -124,9 +125,9 @@ def pmapped_step(config, model, *, donate=True):
     def voting_step(state, batch, stop_vote):
         state, metrics = ts.train_step(state, batch, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
                                        lr_fn=model.lr_fn, cfg=step_config(config))
-        return state, metrics, jax.lax.psum(stop_vote, ts.AXIS)
+        return state, metrics, jax.lax.psum(stop_vote, devices.AXIS)
 
-    return jax.pmap(voting_step, axis_name=ts.AXIS, donate_argnums=(0,) if donate else ())
+    return devices.pmap(voting_step, donate_argnums=(0,) if donate else ())
 
 
 def step_config(config):

@@ -25,8 +25,7 @@ from jax import lax
 
 from geo_contrast import losses
 from geo_contrast import pixels
-
-AXIS = "batch"
+from geo_contrast.devices import AXIS
 
 
 @flax.struct.dataclass

@@ -41,12 +41,12 @@ def _config(**overrides):
 ])
 def test_impossible_values_are_refused_with_the_field_and_the_fix(overrides, devices, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
-        config_lib.validate_pretrain(_config(**overrides), devices)
+        config_lib.validate(_config(**overrides), num_devices=devices, num_local_devices=devices)
 
 
 def test_the_sample_config_passes():
-    config_lib.validate_pretrain(_config(), 1)
-    config_lib.validate_pretrain(_config(**{"moco.bn_groups": 1}), 4)
+    config_lib.validate(_config(), num_devices=1, num_local_devices=1)
+    config_lib.validate(_config(**{"moco.bn_groups": 1}), num_devices=4, num_local_devices=4)
 
 
 def test_a_split_smaller_than_one_global_batch_is_refused():

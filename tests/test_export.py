@@ -6,7 +6,6 @@ numpy draws: a real init compiles a kernel per shape and would dominate the run 
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +19,9 @@ from configs import fmow
 from geo_contrast import checkpointing
 from geo_contrast import export
 from geo_contrast import geo_clusters
-from geo_contrast import pretrain
 from geo_contrast import train_setup
 from geo_contrast import torchvision_layout
+from geo_contrast import workdir as workdir_lib
 from geo_contrast.models import moco
 from geo_contrast.models.resnet import ResNet
 
@@ -141,13 +140,13 @@ def geo_workdir(tmp_path_factory):
     tx = train_setup.optimizer(config, train_setup.learning_rate_schedule(config, 1))
     state = fill(jax.eval_shape(lambda: train_setup.init_state(config, encoder, geo_head, tx, 32, 0)), seed=1)
     state = state.replace(step=np.int32(12))
-    mngr = checkpointing.manager(os.path.join(workdir, pretrain.CHECKPOINT_DIR), keep=2)
+    mngr = checkpointing.manager(workdir_lib.checkpoints_dir(workdir), keep=2)
     checkpointing.save(mngr, 12, state, {"variant": config.variant, "config": json.loads(config.to_json()),
                                          "total_steps": 30})
     checkpointing.wait(mngr)
     centroids = geo_clusters.fit(np.random.default_rng(0).uniform([-60, -180], [60, 180], (50, 2)),
                                  config.geo.num_clusters, seed=0)
-    np.savez(os.path.join(workdir, pretrain.CLUSTERS_FILE), centroids=centroids,
+    np.savez(workdir_lib.clusters_path(workdir), centroids=centroids,
              centroids_latlon=geo_clusters.centroids_latlon(centroids))
     return workdir, state
 
@@ -203,7 +202,7 @@ def test_heads_in_torch_linear_layout(geo_workdir, tmp_path):
     with safe_open(out, "np") as f:
         meta = f.metadata()
     assert meta["heads"] == "projection,geo_head"
-    with np.load(os.path.join(workdir, pretrain.CLUSTERS_FILE)) as f:
+    with np.load(workdir_lib.clusters_path(workdir)) as f:
         np.testing.assert_allclose(json.loads(meta["geo_centroids_latlon"]), f["centroids_latlon"], atol=1e-4)
     # The heads do not disturb the backbone import.
     params, _ = torchvision_layout.load_torchvision_resnet(out, state.params["encoder"]["backbone"],
@@ -248,7 +247,7 @@ def test_unreadable_inputs_are_clear_errors(tmp_path):
     pickle.write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         torchvision_layout.load_torchvision_resnet(str(pickle), like["params"], like["batch_stats"])
-    with pytest.raises(FileNotFoundError, match="no pretraining checkpoints"):
+    with pytest.raises(workdir_lib.WorkdirError, match="holds no finished pretraining checkpoint"):
         export.export(str(tmp_path), str(tmp_path / "out.safetensors"))
 
 

@@ -7,15 +7,19 @@ import os
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 from configs import fmow
 from geo_contrast import augment
+from geo_contrast import backbones
 from geo_contrast import checkpointing
+from geo_contrast import classification
+from geo_contrast import devices
 from geo_contrast import input_pipeline
 from geo_contrast import linear_eval
 from geo_contrast import metric_writer
 from geo_contrast import results
+from geo_contrast import train_setup
+from geo_contrast import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +43,15 @@ def _builder(config):
     return input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
 
 
-def _mesh():
-    return Mesh(np.array(jax.local_devices()), ("batch",))
-
-
 def _leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def test_extracted_features_match_a_direct_forward_pass(data_dir, tmp_path):
     config = _config(data_dir, global_batch=8)  # Val has more than 8 images: several batches, the last padded.
-    backbone = linear_eval.load_backbone(config, str(tmp_path))
-    data = linear_eval.extract_split(backbone.module, backbone.variables, _builder(config), "val", config.linear_eval,
-                                     _mesh())
+    backbone = backbones.load(config, str(tmp_path), "random")
+    variables = devices.replicate(backbone.variables)
+    data = linear_eval.extract_split(backbone.module, variables, _builder(config), "val", config.linear_eval)
     images, labels, locations = [], [], []
     for index, example in enumerate(_builder(config).as_dataset(split="val").as_numpy_iterator()):
         for image in example["images"]:  # Decoded uint8 here; the stage decodes the JPEG bytes itself.
@@ -79,27 +79,29 @@ def two_probes(data_dir, tmp_path_factory):
     lc = config.linear_eval
     lc.global_batch = 8 * -(-num_train // 8)
     lc.num_epochs = 2
-    mesh = _mesh()
-    backbone = linear_eval.load_backbone(config, str(tmp_path_factory.mktemp("probe")))
-    head = linear_eval.classifier_head(62)
-    val = linear_eval.extract_split(backbone.module, backbone.variables, builder, "val", lc, mesh)
-    train = linear_eval.extract_split(backbone.module, backbone.variables, builder, "train", lc, mesh)
+    backbone = backbones.load(config, str(tmp_path_factory.mktemp("probe")), "random")
+    head = classification.head(62)
+    variables = devices.replicate(backbone.variables)
+    val = linear_eval.extract_split(backbone.module, variables, builder, "val", lc)
+    train = linear_eval.extract_split(backbone.module, variables, builder, "train", lc)
     names = builder.info.features["label"].names
     writer = metric_writer.MetricWriter(str(tmp_path_factory.mktemp("metrics")))
 
     def run(cached):
         state = linear_eval.init_probe_state(backbone.variables, head, backbone.module.feature_dim, seed=0,
                                              momentum=lc.momentum, weight_decay=lc.weight_decay)
+        replicated = devices.replicate(state)
         if cached:
             batches = lambda e: linear_eval.feature_batches(train.features, train.labels, lc.global_batch, seed=0,
                                                             epoch=e)
         else:
-            batches = lambda e: linear_eval.augmented_batches(builder, "train", lc, seed=0, epoch=e,
-                                                              shuffle_buffer=64)
+            batches = lambda e: input_pipeline.lincls_train_batches(
+                builder, "train", image_size=lc.image_size, resize_size=lc.resize_size, batch_size=lc.global_batch,
+                seed=0, epoch=e, shuffle_buffer=64)
         final, _ = linear_eval.train_classifier(
-            state, batches, val, names, lc=lc, head=head, backbone=None if cached else backbone.module, mesh=mesh,
+            replicated, batches, val, names, lc=lc, head=head, backbone=None if cached else backbone.module,
             writer=writer, name="test")
-        return state, jax.device_get(final)
+        return state, devices.unreplicate(final)
 
     try:
         return backbone.variables, run(cached=True), run(cached=False)
@@ -162,7 +164,7 @@ def pretrained_workdir(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pretrained")
     config = _config(data_dir)
     config.seed = 1
-    state = linear_eval._pretraining_state(config).replace(step=np.int32(7))
+    state = train_setup.initial_state(config).replace(step=np.int32(7))
     mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"), keep=2)
     checkpointing.save(mngr, 7, state, {"config": json.loads(config.to_json()), "total_steps": 10,
                                         "variant": config.variant})
@@ -173,22 +175,24 @@ def pretrained_workdir(data_dir, tmp_path_factory):
 def test_checkpoint_paths_resolve_to_the_same_step(pretrained_workdir):
     workdir, _ = pretrained_workdir
     directory = os.path.join(workdir, "checkpoints")
-    assert linear_eval.find_checkpoint("pretrained", workdir) == (directory, 7)
-    assert linear_eval.find_checkpoint(directory, "/nonexistent") == (directory, 7)
-    assert linear_eval.find_checkpoint(os.path.join(directory, "7"), "/nonexistent") == (directory, 7)
+    assert workdir_lib.find_checkpoint(workdir) == (directory, 7)
+    assert workdir_lib.find_checkpoint(directory) == (directory, 7)
+    assert workdir_lib.find_checkpoint(os.path.join(directory, "7")) == (directory, 7)
 
 
-def test_pretrained_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Run the pretrain stage.*init=random"):
-        linear_eval.find_checkpoint("pretrained", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not 'pretrained', 'random'"):
-        linear_eval.find_checkpoint(str(tmp_path / "missing"), str(tmp_path))
+def test_pretrained_without_a_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(workdir_lib.WorkdirError, match="Run the pretrain stage.*init=random"):
+        backbones.load(_config(data_dir), str(tmp_path), "pretrained")
+    with pytest.raises(workdir_lib.WorkdirError, match="is not a directory"):
+        backbones.load(_config(data_dir), str(tmp_path), str(tmp_path / "missing"))
+    with pytest.raises(workdir_lib.WorkdirError, match="holds no finished pretraining checkpoint"):
+        backbones.load(_config(data_dir), str(tmp_path), str(tmp_path))
 
 
 def test_results_keep_both_inits_and_the_margin(data_dir, pretrained_workdir):
     workdir, saved = pretrained_workdir
     config = _config(data_dir, init="pretrained", num_epochs=2)
-    backbone = linear_eval.load_backbone(config, workdir)
+    backbone = backbones.load(config, workdir, "pretrained")
     assert _leaves_equal(backbone.variables["params"], saved.params["encoder"]["backbone"])
     linear_eval.evaluate(config, workdir)
     linear_eval.evaluate(_config(data_dir, init="random", num_epochs=2, cache_features=False), workdir)
@@ -233,16 +237,16 @@ def test_margin_rows_on_hand_made_entries():
 
 
 def test_step_and_cosine_learning_rates():
-    step = [linear_eval.epoch_learning_rate(e, peak=30.0, num_epochs=100, schedule="step", decay_epochs=(60, 80))
+    step = [classification.epoch_learning_rate(e, peak=30.0, num_epochs=100, schedule="step", decay_epochs=(60, 80))
             for e in (0, 59, 60, 79, 80, 99)]
     np.testing.assert_allclose(step, [30, 30, 3, 3, 0.3, 0.3])
-    cosine = [linear_eval.epoch_learning_rate(e, peak=2.0, num_epochs=10, schedule="cosine", decay_epochs=())
+    cosine = [classification.epoch_learning_rate(e, peak=2.0, num_epochs=10, schedule="cosine", decay_epochs=())
               for e in (0, 5, 9)]
     np.testing.assert_allclose(cosine, [2.0, 1.0, 1.0 + np.cos(np.pi * 0.9)])
 
 
 def test_pad_batch_masks_the_padding():
-    padded = linear_eval.pad_batch({"x": np.ones((3, 2)), "label": np.array([4, 5, 6])}, 5)
+    padded = input_pipeline.pad_batch({"x": np.ones((3, 2)), "label": np.array([4, 5, 6])}, 5)
     np.testing.assert_array_equal(padded["x"], [[1, 1]] * 3 + [[0, 0]] * 2)
     np.testing.assert_array_equal(padded["label"], [4, 5, 6, 0, 0])
     np.testing.assert_array_equal(padded["weight"], [1, 1, 1, 0, 0])

@@ -14,8 +14,8 @@ from PIL import Image
 from configs import fmow
 from geo_contrast import geo_clusters
 from geo_contrast import plots
-from geo_contrast import pretrain
 from geo_contrast import results
+from geo_contrast import workdir as workdir_lib
 
 DPI = 100  # Figures are drawn at 100 dpi: pixel sizes are figure inches x 100.
 
@@ -109,7 +109,8 @@ def test_write_all_draws_the_clusters_of_the_built_training_split(tiny_fmow, tmp
     config = fmow.get_config("sample")
     config.dataset.data_dir = data_dir
     centroids = geo_clusters.fit(np.array([[0.0, 0.0], [40.0, 100.0], [-30.0, -60.0]]), 3, seed=0)
-    np.savez(tmp_path / pretrain.CLUSTERS_FILE, centroids=centroids)
+    np.savez(workdir_lib.clusters_path(str(tmp_path)), centroids=centroids,
+             centroids_latlon=geo_clusters.centroids_latlon(centroids))
     written = plots.write_all(str(tmp_path), config)
     assert [os.path.basename(p) for p in written] == ["geo_clusters.png"]
     assert png_size(written[0]) == (16 * DPI, int(6.5 * DPI))

@@ -79,7 +79,7 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     import functools, json
     import jax, numpy as np
     from configs import fmow
-    from geo_contrast import replication, train_setup, train_step as ts
+    from geo_contrast import devices as devices_lib, train_setup, train_step as ts
     from geo_contrast.models import moco
 
     c = fmow.get_config("sample")
@@ -101,13 +101,13 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
         cfg = ts.StepConfig(temperature=0.2, momentum=0.9, bn_groups=groups, infonce_weight=1.0, geo_weight=1.0)
         step = jax.pmap(functools.partial(ts.train_step, encoder=encoder, geo_head=geo_head, tx=tx, lr_fn=lr_fn,
                                           cfg=cfg), axis_name=ts.AXIS, devices=devices)
-        st = replication.replicate(state, devices=devices)
+        st = devices_lib.replicate(state, devices=devices)
         losses = []
         for b in batches:
             b = jax.tree.map(lambda x: x.reshape((len(devices), -1) + x.shape[1:]), b)
             st, m = step(st, b)
             losses.append(float(jax.device_get(m["loss"])[0]))
-        final = replication.unreplicate(st)
+        final = devices_lib.unreplicate(st)
         return losses, final
 
     four, s4 = run(jax.devices()[:4], 1)

@@ -1,4 +1,5 @@
-"""TFDS's standard builder checks over dummy_data/ (a tiny tree from `tfds_builders.fmow.sample`, see README.md)."""
+"""TFDS's standard builder checks over dummy_data/ (a tiny tree from `tfds_builders.fmow.sample`, see
+README.md)."""
 
 import tensorflow_datasets as tfds
 

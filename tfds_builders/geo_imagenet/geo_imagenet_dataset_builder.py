@@ -45,7 +45,8 @@ The manual dir holds ImageNet-21k images and the geotags made for them:
    (fall11_whole.tar: one <wnid>.tar per synset) and its URL list fall11_urls.txt. Unpack the outer tar into
    the manual dir; the per-synset tars may stay packed.
 2. Get a Flickr API key (https://www.flickr.com/services/apps/create/) and geotag the Flickr photos:
-     python -m tfds_builders.geo_imagenet.geotag --urls fall11_urls.txt --api-key KEY --out <manual_dir>/geotags.csv
+     python -m tfds_builders.geo_imagenet.geotag --urls fall11_urls.txt --api-key KEY \\
+         --out <manual_dir>/geotags.csv
    It stays under Flickr's 3,600 calls/hour and can be stopped and rerun at any time; rerun it until it exits 0.
 """
 

@@ -1,8 +1,8 @@
 """The files a GeoImageNet manual dir holds besides the images, in one place.
 
-`geotags.csv` is written by the geotagger (`tfds_builders.geo_imagenet.geotag`) and by the sample generator and read by the
-builder; `words.txt` is ImageNet's own wnid -> name list. Keeping the columns, the ImageNet image-id grammar and
-the validation here means the writers and the reader cannot drift apart. Standard library only, so the
+`geotags.csv` is written by the geotagger (`tfds_builders.geo_imagenet.geotag`) and by the sample generator
+and read by the builder; `words.txt` is ImageNet's own wnid -> name list. Keeping the columns, the ImageNet
+image-id grammar and the validation here means the writers and the reader cannot drift apart. Standard library only, so the
 geotagger does not pull in TensorFlow.
 """
 
