@@ -3,8 +3,8 @@ r"""Released PyTorch weights -> the torchvision-layout safetensors file this pro
     python -m geo_contrast.convert SRC --out OUT.safetensors
 
 SRC is read by torch_checkpoint.py (numpy only; a pickle that names anything but tensors and plain containers
-is refused unrun). OUT holds what export.py writes, so `torchvision_layout.load_torchvision_resnet` reads it:
-``config.init_from``, ``config.linear_eval.init`` and fine-tuning. Recognised SRC layouts:
+is refused unrun). OUT holds what export.py writes, so `torchvision_layout.load_torchvision_resnet` reads it
+(``config.init_from``). Recognised SRC layouts:
 
 * ``moco_checkpoint``: the authors' MoCo(-v2) checkpoints (``moco_geo+tp.pth.tar``, ...) and facebookresearch/
   moco's ``moco_v2_800ep_pretrain.pth.tar``: a dict with ``state_dict`` keyed ``module.encoder_q.*``,
@@ -109,11 +109,11 @@ def _moco(checkpoint, where):
     if sorted(rest) == sorted(MLP_KEYS):
         tensors.update({f"projection.{k}": query[k] for k in MLP_KEYS})
         kept.append("projection")
-    elif all(k.startswith("fc.") for k in rest):  # MoCo-v1's single Linear: no slot for it in this project.
-        dropped.append("encoder_q.fc")
-    else:
+    elif any(not k.startswith("fc.") for k in rest):
         raise ConvertError(f"{where}: encoder_q has {_preview(rest)} beside the backbone and its fc head; "
                            f"{LAYOUTS}.")
+    elif rest:  # MoCo-v1's single Linear head: the project's projection is v2's MLP, so it has no slot.
+        dropped.append("encoder_q.fc")
     if "geo_dict" in checkpoint:
         tensors.update(_geo_head(checkpoint["geo_dict"], where))
         kept.append("geo_head")

@@ -309,6 +309,16 @@ def test_other_recognised_layouts(tmp_path):
     del checkpoint["geo_dict"]
     moco = convert.convert_object(checkpoint, "moco_v2_800ep_pretrain.pth.tar")
     assert moco.metadata["kept"] == "backbone,projection" and "geo_head.fc.weight" not in moco.tensors
+    assert moco.metadata["dropped"] == "queue,queue_ptr,encoder_k,optimizer"
+    state_dict = checkpoint["state_dict"]
+    for key in MLP:  # MoCo-v1: a single Linear as encoder_q.fc, which has no counterpart here.
+        del state_dict[f"module.encoder_q.{key}"]
+    v1 = convert.convert_object({"state_dict": state_dict}, "moco_v1.pth.tar")
+    assert v1.metadata["kept"] == "backbone" and v1.metadata["dropped"] == "queue,queue_ptr,encoder_k"
+    state_dict["module.encoder_q.fc.weight"] = np.zeros((128, 16), np.float32)
+    v1 = convert.convert_object({"state_dict": state_dict}, "moco_v1.pth.tar")
+    assert v1.metadata["dropped"] == "encoder_q.fc,queue,queue_ptr,encoder_k"
+    assert set(v1.tensors) == set(moco.tensors) - {f"projection.{k}" for k in MLP}
     plain = torch_checkpoint.load(fixture("torchvision.pth"))
     ddp = convert.convert_object({f"module.{k}": v for k, v in plain.items()}, "ddp.pth")
     assert set(ddp.tensors) == set(plain) - {"fc.weight", "fc.bias"} and ddp.metadata["dropped"] == "fc"
