@@ -21,7 +21,8 @@ have seen) and the import ignores it. torch reads it only with ``momentum=None``
 uses, so its value does not change any output.
 
 `to_torch` / `from_torch` are pure array code; `load_torchvision_resnet` reads a safetensors file through
-`from_torch` (pretraining's ``config.init_from``). Writing a checkpoint out is export.py's job.
+`from_torch` (pretraining's ``config.init_from``); `save_safetensors` (from safetensors_io.py, which imports no
+JAX so that convert.py does not) writes one. Writing a checkpoint out is export.py's job.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
+
+from geo_contrast.safetensors_io import save_safetensors  # noqa: F401 - re-exported: the layout's writer.
 
 # (collection, Flax leaf name, rank) -> torch leaf name, the Flax -> torch axis permutation. rank None: any.
 _LEAVES = {
