@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -467,3 +468,152 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path):
         assert_complete(out, truth, image_of_photo)
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API key never leaves the request.
+
+# Distinctive, with characters a URL percent-encodes, so both forms and a cut-off prefix can be searched for.
+SECRET_KEY = "SECRETKEY+q7/0d41d8cd98f00b2"
+SECRET_FORMS = (SECRET_KEY, urllib.parse.quote_plus(SECRET_KEY), SECRET_KEY[:9], SECRET_KEY[-9:])
+
+
+class EchoServer:
+    """A broken endpoint that quotes the request it got (as proxies' error pages do): `mode` is the first path
+    segment of the endpoint: "500", "404" (the URL in the status reason and the body), "page" (HTTP 200, the URL
+    as the body), "redirect" (to a gopher:// URL carrying the query, which urllib refuses to follow) or "badhost"
+    (a redirect to a host name too long for IDNA: urllib raises a bare UnicodeError)."""
+
+    def __init__(self):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                mode = self.path.split("/")[1]
+                if mode in ("redirect", "badhost"):
+                    self.send_response(301)
+                    host = "gopher://127.0.0.1" if mode == "redirect" else "http://" + "x" * 70 + ".example"
+                    self.send_header("Location", host + self.path)
+                    body = b""
+                else:
+                    self.send_response(200 if mode == "page" else int(mode), f"no such page: {self.path}")
+                    body = f"{self.path}\n<html>not the API</html>".encode()
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_cli_with_secret_key(tmp_path, endpoint):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("n01440764_1\thttp://farm1.static.flickr.com/1/111_aa.jpg\n"
+                    "n01440764_2\thttp://farm1.static.flickr.com/1/222_bb.jpg\n")
+    out = tmp_path / "out" / "geotags.csv"
+    out.parent.mkdir()
+    args = [sys.executable, "-m", "tfds_builders.geo_imagenet.geotag", "--urls", str(urls), "--out", str(out),
+            "--endpoint", endpoint, "--timeout", "5", "--backoff", "0.01", "--max-attempts", "2",
+            "--calls-per-hour", "3600000"]
+    env = dict(os.environ, FLICKR_API_KEY=SECRET_KEY)
+    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    texts = {"stdout": result.stdout, "stderr": result.stderr}
+    texts.update({str(p): p.read_text(errors="replace") for p in out.parent.iterdir()})
+    for where, text in texts.items():
+        for form in SECRET_FORMS:
+            assert form not in text, f"the API key ({form!r}) is in {where}:\n{text}"
+    return result
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("api.flickr.com/services/rest/", "http or https"),
+    ("http://127.0.0.1:9/services/ rest/", "whitespace or control characters"),
+    ("http://127.0.0.1:9/services/\trest/", "whitespace or control characters"),
+    ("https:///services/rest/", "no host"),
+])
+def test_bad_endpoint_is_refused_before_any_request_without_the_key(tmp_path, endpoint, reason):
+    result = _run_cli_with_secret_key(tmp_path, endpoint)
+    assert result.returncode == 2
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert f"--endpoint {endpoint!r}" in error and reason in error
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode, returncode, message", [
+    ("500", 3, "HTTP 500 no such page: /500/services/rest/?method=flickr.photos.geo.getLocation&api_key=<api key"),
+    ("404", 1, "HTTP 404 no such page: /404/services/rest/?method=flickr.photos.geo.getLocation&api_key=<api key"),
+    ("page", 3, "invalid JSON (Expecting value: line 1 column 1 (char 0)): b'/page/services/rest/?method="),
+    ("redirect", 1, "Redirection to url 'gopher://127.0.0.1/redirect/services/rest/?method="),
+    ("badhost", 3, "UnicodeError: encoding with 'idna' codec failed"),
+])
+def test_key_is_in_no_message_when_the_endpoint_answers_with_errors(tmp_path, echo_server, mode, returncode,
+                                                                     message):
+    result = _run_cli_with_secret_key(tmp_path, f"{echo_server.base}/{mode}/services/rest/")
+    assert result.returncode == returncode, result.stderr
+    assert message in result.stderr  # the error is still shown, only the key is not
+    assert "Traceback" not in result.stderr
+
+
+def test_key_is_in_no_message_when_the_endpoint_is_unreachable(tmp_path):
+    result = _run_cli_with_secret_key(tmp_path, f"http://127.0.0.1:{_closed_port()}/services/rest/")
+    assert result.returncode == 3 and "Connection refused" in result.stderr
+
+
+@pytest.mark.parametrize("endpoint", [
+    "https://api.flickr.com/services/rest/", "http://127.0.0.1:8080/rest", "HTTPS://API.FLICKR.COM/"])
+def test_check_endpoint_accepts_http_urls(endpoint):
+    flickr.check_endpoint(endpoint)
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("api.flickr.com/services/rest/", "http or https"), ("ftp://api.flickr.com/", "http or https"),
+    ("file:///etc/passwd", "http or https"), ("https://", "no host"), ("http://:80/", "no host"),
+    ("https://api.flickr.com/ rest/", "whitespace"), ("https://api.flickr.com/rest/\n", "whitespace"),
+    ("https://api.flickr.com/\x00", "control"), ("https://api.flickr.com:99999/", "port"),
+    ("https://api.flickr.com:http/", "port"), ("https://api.flickr.com/rest/?api_key=x", "query"),
+    ("https://api.flickr.com/rest/#x", "query"), ("https://user:pw@api.flickr.com/", "user"),
+    ("https://api.flickr.com/réseau", "ASCII"), ("", "http or https"),
+])
+def test_check_endpoint_names_what_is_wrong(endpoint, reason):
+    with pytest.raises(ValueError, match=reason):
+        flickr.check_endpoint(endpoint)
+
+
+def test_client_refuses_a_bad_endpoint_without_the_key():
+    with pytest.raises(ValueError, match="endpoint 'api.flickr.com/': the scheme must be http or https") as e:
+        flickr.FlickrClient(SECRET_KEY, rate_limiter=flickr.RateLimiter(1), stop=threading.Event(),
+                            endpoint="api.flickr.com/")
+    with pytest.raises(ValueError, match="has a query") as e:
+        flickr.FlickrClient(SECRET_KEY, rate_limiter=flickr.RateLimiter(1), stop=threading.Event(),
+                            endpoint=f"https://api.flickr.com/?api_key={SECRET_KEY}")
+    assert not any(form in str(e.value) for form in SECRET_FORMS)
+
+
+def test_redact_replaces_every_form_of_the_key():
+    key = "k+y/=&1"
+    url = flickr.location_request_url("http://h/rest/", key, "5")
+    assert key not in flickr.redact(url, key) and urllib.parse.quote_plus(key) not in flickr.redact(url, key)
+    assert flickr.redact(f"raw {key} and {urllib.parse.quote(key, safe='')}", key) == (
+        f"raw {flickr.REDACTED} and {flickr.REDACTED}")
+    assert flickr.redact(b"body " + key.encode(), key) == b"body " + flickr.REDACTED.encode()
+    assert flickr.redact("nothing to hide", key) == "nothing to hide"

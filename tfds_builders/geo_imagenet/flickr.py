@@ -2,6 +2,10 @@
 
 URL parsing and the reading of an API answer are pure functions. `FlickrClient` adds HTTP, retries with
 exponential backoff and one rate limit shared by all threads. Standard library only.
+
+The API key travels in every request URL, so nothing the client raises carries it: `redact` is the one way a URL,
+or anything that may quote one, is made fit to show, and `check_endpoint` keeps urllib from refusing a malformed
+endpoint with the whole URL in its error.
 """
 
 import dataclasses
@@ -14,10 +18,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Callable
+from typing import AnyStr, Callable
 
 REST_ENDPOINT = "https://api.flickr.com/services/rest/"
 FLICKR_CALLS_PER_HOUR = 3600  # Flickr's documented limit per API key.
+REDACTED = "<api key redacted>"
 
 # getLocation's error codes (flickr.com/services/api/flickr.photos.geo.getLocation.html).
 CODE_PHOTO_NOT_FOUND = 1
@@ -108,6 +113,44 @@ def interpret_get_location(body: bytes) -> Location | NoGeotag:
     return Location(lat, lon, accuracy, country)
 
 
+def check_endpoint(endpoint: str) -> None:
+    """Raises ValueError saying what is wrong unless `endpoint` is an http(s) URL the request URL can extend.
+
+    Checked before the first request: urllib would otherwise refuse every request with an error quoting the whole
+    URL, API key included, or send the key somewhere other than meant.
+    """
+    if not all(" " < char < "\x7f" for char in endpoint):
+        raise ValueError("contains whitespace or control characters, or is not ASCII (give a host in punycode)")
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"the scheme must be http or https, as in {REST_ENDPOINT}")
+    if not parts.hostname:
+        raise ValueError(f"no host, as in {REST_ENDPOINT}")
+    if "@" in parts.netloc:
+        raise ValueError("carries a user name or password; give only the host")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("the port must be a number in 0..65535") from None
+    if "?" in endpoint or "#" in endpoint:
+        raise ValueError("has a query or fragment; give the endpoint without them (the request adds its query)")
+
+
+def redact(text: AnyStr, api_key: str) -> AnyStr:
+    """`text` with the API key, raw or percent-encoded as a request URL carries it, replaced by REDACTED.
+
+    The one way a request URL, or anything that may quote one (urllib's errors, a proxy's error page, a status
+    reason), is made fit to show. Bytes too: an answer is redacted before an excerpt of it is cut, since a key cut
+    in half no longer matches.
+    """
+    for form in {api_key, urllib.parse.quote_plus(api_key), urllib.parse.quote(api_key, safe="")} - {""}:
+        if isinstance(text, bytes):
+            text = text.replace(form.encode("utf-8"), REDACTED.encode("utf-8"))
+        else:
+            text = text.replace(form, REDACTED)
+    return text
+
+
 def location_request_url(endpoint: str, api_key: str, photo_id: str) -> str:
     query = urllib.parse.urlencode({
         "method": "flickr.photos.geo.getLocation",
@@ -166,6 +209,10 @@ class FlickrClient:
     ):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        try:
+            check_endpoint(endpoint)
+        except ValueError as e:
+            raise ValueError(redact(f"endpoint {endpoint!r}: {e}", api_key)) from None
         self._api_key = api_key
         self._rate_limiter = rate_limiter
         self._stop = stop
@@ -176,7 +223,16 @@ class FlickrClient:
         self._backoff_cap = backoff_cap
 
     def get_location(self, photo_id: str) -> Location | NoGeotag:
-        """Flickr's answer for one photo. Raises TransientError once every attempt failed, FlickrError, Stopped."""
+        """Flickr's answer for one photo. Raises TransientError once every attempt failed, FlickrError, Stopped.
+
+        Every error leaves through here with the API key redacted from its message, and without its cause chained.
+        """
+        try:
+            return self._get_location(photo_id)
+        except (TransientError, FlickrError) as e:
+            raise type(e)(redact(str(e), self._api_key)) from None
+
+    def _get_location(self, photo_id: str) -> Location | NoGeotag:
         url = location_request_url(self._endpoint, self._api_key, photo_id)
         for attempt in range(1, self._max_attempts + 1):
             if attempt > 1:
@@ -185,7 +241,7 @@ class FlickrClient:
                 self._pause(delay * random.uniform(0.5, 1.0))
             self._pause(self._rate_limiter.reserve())
             try:
-                return interpret_get_location(self._fetch(url))
+                return interpret_get_location(redact(self._fetch(url), self._api_key))
             except TransientError as e:
                 last_error = e
         raise TransientError(f"photo {photo_id}: gave up after {self._max_attempts} attempts; last: {last_error}")
@@ -195,13 +251,16 @@ class FlickrClient:
             raise Stopped()
 
     def _fetch(self, url: str) -> bytes:
-        # Error messages never include `url`: it carries the API key.
+        """The body of the answer. Its errors may quote `url`, key included: get_location redacts them."""
         try:
             with urllib.request.urlopen(url, timeout=self._timeout) as response:
                 return response.read()
         except urllib.error.HTTPError as e:
+            e.close()
             if e.code >= 500 or e.code == 429:
                 raise TransientError(f"HTTP {e.code} {e.reason}") from None
             raise FlickrError(f"HTTP {e.code} {e.reason} from {self._endpoint}") from None
-        except (OSError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, truncated bodies
+        # Timeouts, refused/reset connections, truncated bodies; ValueError: e.g. UnicodeError for a redirect to a
+        # host name the IDNA codec refuses.
+        except (OSError, http.client.HTTPException, ValueError) as e:
             raise TransientError(f"{type(e).__name__}: {e}") from None

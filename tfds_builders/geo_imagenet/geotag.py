@@ -15,8 +15,9 @@ photos in neither file. Photos that still fail after every retry (timeouts, HTTP
 nowhere, so the next run asks for them again. A lock file (OUT.lock) keeps two runs off the same output.
 
 Exit status: 0 every photo answered; 1 stopped (invalid API key or another answer retrying cannot fix, bad
-input, output in use); 3 finished but some photos failed after every retry (run the same command again);
-130 interrupted.
+input, output in use); 2 bad arguments (e.g. an --endpoint that is not an http(s) URL, refused before any
+request); 3 finished but some photos failed after every retry (run the same command again); 130 interrupted.
+No message, log line or file carries the API key: the client redacts it wherever a request URL may be quoted.
 """
 
 import argparse
@@ -309,7 +310,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="geotags CSV to write (appended to; OUT.missing beside it)")
     parser.add_argument("--api-key", default=os.environ.get("FLICKR_API_KEY"),
                         help="Flickr API key (default: $FLICKR_API_KEY, which keeps it out of the process list)")
-    parser.add_argument("--endpoint", default=flickr.REST_ENDPOINT, help="Flickr REST endpoint (tests use a fake)")
+    parser.add_argument("--endpoint", default=flickr.REST_ENDPOINT,
+                        help="Flickr REST endpoint: an http(s) URL without query (tests use a fake)")
     parser.add_argument("--calls-per-hour", type=float, default=DEFAULT_CALLS_PER_HOUR,
                         help=f"rate limit, retries included (Flickr allows {flickr.FLICKR_CALLS_PER_HOUR}/key)")
     parser.add_argument("--workers", type=int, default=4, help="concurrent requests")
@@ -322,6 +324,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("give --api-key or set FLICKR_API_KEY")
+    try:
+        flickr.check_endpoint(args.endpoint)
+    except ValueError as e:
+        parser.error(flickr.redact(f"--endpoint {args.endpoint!r}: {e}", args.api_key))
     if not os.path.isfile(args.urls):
         parser.error(f"--urls {args.urls}: no such file")
     if args.workers < 1 or args.max_attempts < 1 or args.calls_per_hour <= 0:
