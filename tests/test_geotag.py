@@ -4,9 +4,11 @@ import collections
 import csv
 import dataclasses
 import http.server
+import io
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import threading
 import time
 import urllib.parse
 
+import numpy as np
 import pytest
 
 from tfds_builders.geo_imagenet import flickr, geotag
@@ -88,9 +91,48 @@ def test_interpret_get_location():
         flickr.interpret_get_location(_fail_body(100, "Invalid API Key"))
     with pytest.raises(flickr.FlickrError, match="code 112"):
         flickr.interpret_get_location(_fail_body(112, "Method not found"))
-    for transient in (_fail_body(105), b"<html>oops", b"[1, 2]", b'{"stat": "ok", "photo": {}}', _ok_body(91, 0)):
+    accuracy_inf = b'{"stat": "ok", "photo": {"location": {"latitude": 1, "longitude": 2, "accuracy": 1e999}}}'
+    too_many_digits = b"1" * 5000  # beyond Python's int digit limit: a ValueError, not a JSONDecodeError
+    for transient in (_fail_body(105), b"<html>oops", b"[1, 2]", b'{"stat": "ok", "photo": {}}', too_many_digits,
+                      accuracy_inf):
         with pytest.raises(flickr.TransientError):
             flickr.interpret_get_location(transient)
+
+
+# Answers that parse but that geotags.csv may not hold, or that are built to hurt the parser.
+INVALID_ANSWERS = {
+    "accuracy99": (_ok_body(48.8, 2.3, 99), "Flickr accuracy must be 0..16, got 99"),
+    "lat91": (_ok_body(91, 0), "coordinates out of range"),
+    "nan": (_ok_body("NaN", 0), "coordinates out of range"),
+    "country_int": (_ok_body(48.8, 2.3, 16, 5), "country must be text, got int"),
+    "country_list": (_ok_body(48.8, 2.3, 16, ["France"]), "country must be text, got list"),
+    "country_null": (_ok_body(48.8, 2.3, 16, None).replace(b'"accuracy"', b'"country": {"_content": null}, '
+                                                             b'"accuracy"'), "country must be text, got NoneType"),
+    "country_control": (_ok_body(48.8, 2.3, 16, "Fr\x1b[2Jance"), "country must be printable"),
+    "country_newline": (_ok_body(48.8, 2.3, 16, "Korea,\nRepublic of"), "country must be printable"),
+    "country_surrogate": (_ok_body(48.8, 2.3, 16, "\ud800"), "country must be printable"),
+    "country_long": (_ok_body(48.8, 2.3, 16, "x" * 1000), "at most 200 characters"),
+    "nested": (b'{"stat": "ok", "photo": ' + b"[" * 20000 + b"]" * 20000 + b"}", "nested too deeply"),
+    "huge": (b" " * (2 << 20) + _ok_body(48.8, 2.3, 16), "over 65536 bytes"),
+    "code_true": (_fail_body(True), "code that is not an integer: True"),
+    "code_float": (_fail_body(2.0), "code that is not an integer: 2.0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(INVALID_ANSWERS) - {"huge"}))
+def test_interpret_get_location_refuses_what_geotags_csv_may_not_hold(name):
+    body, reason = INVALID_ANSWERS[name]
+    with pytest.raises(flickr.InvalidAnswerError, match=re.escape(reason)):
+        flickr.interpret_get_location(body)
+
+
+def test_read_answer_reads_at_most_one_byte_past_the_cap():
+    stream = io.BytesIO(b" " * (10 * flickr.MAX_ANSWER_BYTES))
+    with pytest.raises(flickr.InvalidAnswerError, match=f"over {flickr.MAX_ANSWER_BYTES} bytes"):
+        flickr.read_answer(stream)
+    assert stream.tell() == flickr.MAX_ANSWER_BYTES + 1
+    body = b"x" * flickr.MAX_ANSWER_BYTES
+    assert flickr.read_answer(io.BytesIO(body)) == body
 
 
 def test_location_request_url_carries_the_documented_query():
@@ -142,13 +184,34 @@ def test_drop_torn_tail(tmp_path):
 
 
 def test_geotags_format_round_trips_one_line_per_row():
-    tags = [fmt.GeoTag("n02102040_7", "n02102040", 37.566535, 126.977969, 16, "Korea,\nRepublic of"),
-            fmt.GeoTag("n01440764_1", "n01440764", 0.1 + 0.2, 1e-7, 0, "")]
+    tags = [fmt.GeoTag("n02102040_7", "n02102040", 37.566535, 126.977969, 16, 'Korea, "Republic" of'),
+            fmt.GeoTag("n01440764_1", "n01440764", 0.1 + 0.2, 1e-7, 0, ""),
+            fmt.GeoTag("n01440764_2", "n01440764", np.float64(-12.5), np.float64(1 / 3), 4, "Côte d'Ivoire")]
     text = fmt.csv_line(fmt.GEOTAG_COLUMNS) + "".join(fmt.geotag_line(t) for t in tags)
-    assert text.count("\n") == 3
+    assert text.count("\n") == 4
     back = list(fmt.read_geotags(text.splitlines(keepends=True), "g.csv"))
-    assert back[0] == dataclasses.replace(tags[0], country="Korea, Republic of")
-    assert back[1] == tags[1]  # floats exactly, including 0.30000000000000004
+    assert back == tags  # floats exactly, including 0.30000000000000004 and numpy's
+
+
+@pytest.mark.parametrize("tag, error", [
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 99, "France"), "Flickr accuracy must be 0..16"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, True, "France"), "Flickr accuracy must be 0..16"),
+    (fmt.GeoTag("n01440764_1", "n01440764", float("nan"), 2.0, 9, "France"), "coordinates out of range"),
+    (fmt.GeoTag("n01440764_1", "n01440764", "1.0", 2.0, 9, "France"), "lat/lon must be floats, got str"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 9, 5), "country must be text, got int"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 9, "Korea,\nRepublic of"), "country must be printable"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 9, "\ud800"), "country must be printable"),
+    (fmt.GeoTag("n01440764_1", "n02102040", 1.0, 2.0, 9, "France"), "does not match"),
+])
+def test_geotag_line_refuses_a_row_the_reader_would_refuse(tag, error):
+    with pytest.raises(ValueError, match=error):
+        fmt.geotag_line(tag)
+
+
+@pytest.mark.parametrize("code", [True, 1.0, "1", 100])
+def test_missing_line_refuses_a_code_the_reader_would_refuse(code):
+    with pytest.raises(ValueError, match="code must be one of"):
+        fmt.missing_line(fmt.Missing("n01440764_3", "n01440764", code))
 
 
 @pytest.mark.parametrize("body, error", [
@@ -159,6 +222,8 @@ def test_geotags_format_round_trips_one_line_per_row():
     ("n01440764_1,n01440764,north,2,16,France\n", r"g.csv:2: lat/lon/accuracy must be numbers"),
     ("n01440764_1,n01440764,1,2,17,France\n", r"g.csv:2: Flickr accuracy must be 0..16"),
     ("n01440764_1,n01440764,1,2,16\n", r"g.csv:2: expected the 6 fields"),
+    ("n01440764_1,n01440764,1,2,16,Fr\x07ance\n", r"g.csv:2: country must be printable"),
+    ('n01440764_1,n01440764,1,2,16,"Korea,\nRepublic of"\n', r"g.csv:3: country must be printable"),  # ends on 3
 ])
 def test_geotags_format_names_file_and_line_of_bad_rows(body, error):
     lines = (fmt.csv_line(fmt.GEOTAG_COLUMNS) + body).splitlines(keepends=True)
@@ -187,8 +252,9 @@ class FakeFlickr:
     """flickr.photos.geo.getLocation on 127.0.0.1, answering from a script.
 
     `truth[photo_id]` is the final answer: ("located", lat, lon, accuracy, country) or ("none", code).
-    `faults[photo_id]` lists what the first requests for that photo get instead: "500", "badjson", "105" or
-    "slow" (the answer only after SLOW_S, past the client's timeout). `requests` records every photo id asked.
+    `faults[photo_id]` lists what the first requests for that photo get instead: "500", "badjson", "105",
+    "slow" (the answer only after SLOW_S, past the client's timeout) or a key of INVALID_ANSWERS. `requests`
+    records every photo id asked.
     """
 
     SLOW_S = 2.0
@@ -236,6 +302,8 @@ class FakeFlickr:
             return 200, _fail_body(105, "Service currently unavailable")
         if fault == "slow":
             time.sleep(self.SLOW_S)
+        if fault in INVALID_ANSWERS:
+            return 200, INVALID_ANSWERS[fault][0]
         kind, *rest = self.truth[photo_id]
         if kind == "none":
             return 200, _fail_body(rest[0], "Photo has no location information.")
@@ -393,6 +461,28 @@ def test_photo_failing_every_retry_is_not_recorded_and_is_asked_next_run(world, 
     healed = serve()
     assert geotag.main(tool_args(urls, out, healed.endpoint)) == 0
     assert healed.asked() == [broken]
+    assert_complete(out, truth, image_of_photo)
+
+
+def test_invalid_answers_are_failures_asked_once_and_the_files_read_back(world, caplog):
+    urls, out, truth, image_of_photo, serve = world
+    faults = {photo: [name] for photo, name in zip(sorted(truth), sorted(INVALID_ANSWERS))}
+    assert len(faults) == len(INVALID_ANSWERS)
+    server = serve(faults=faults)
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 3  # "some photos failed": rerun
+    asked = collections.Counter(server.asked())
+    assert all(asked[photo] == 1 for photo in faults), "an invalid answer is not asked again in the same run"
+    warnings = [r.getMessage() for r in caplog.records if "invalid answer" in r.getMessage()]
+    for photo, [name] in faults.items():
+        [line] = [w for w in warnings if w.startswith(f"{image_of_photo[photo]}: photo {photo}: invalid answer")]
+        assert INVALID_ANSWERS[name][1] in line and "the next run asks again" in line
+    assert f"{len(faults)} photos failed" in caplog.text
+    answered = geotag.read_answered(str(out))  # what was written reads back
+    assert answered == {image_of_photo[photo] for photo in truth if photo not in faults}
+
+    healed = serve()
+    assert geotag.main(tool_args(urls, out, healed.endpoint)) == 0
+    assert sorted(healed.asked()) == sorted(faults)
     assert_complete(out, truth, image_of_photo)
 
 

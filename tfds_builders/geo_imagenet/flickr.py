@@ -18,11 +18,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import AnyStr, Callable
+from typing import AnyStr, BinaryIO, Callable
+
+from . import geotags_format as fmt
 
 REST_ENDPOINT = "https://api.flickr.com/services/rest/"
 FLICKR_CALLS_PER_HOUR = 3600  # Flickr's documented limit per API key.
 REDACTED = "<api key redacted>"
+# getLocation's answers are about 1 KB; a longer one is not an answer (a 300 MB one was once read whole), so no
+# more than this is read.
+MAX_ANSWER_BYTES = 64 * 1024
 
 # getLocation's error codes (flickr.com/services/api/flickr.photos.geo.getLocation.html).
 CODE_PHOTO_NOT_FOUND = 1
@@ -77,27 +82,46 @@ class TransientError(Exception):
     """An answer worth asking again for: timeout, connection error, HTTP 5xx/429, invalid JSON, code 105."""
 
 
+class InvalidAnswerError(Exception):
+    """A whole answer the geotagger will not record: longer than MAX_ANSWER_BYTES, JSON nested too deeply to read,
+    an error code that is not an integer, or a location geotags.csv may not hold (geotags_format.check_location,
+    the reader's own rule). Asking again at once would get the same answer, so the photo counts as failed for this
+    run and the next run asks again."""
+
+
 class Stopped(Exception):
     """The run is stopping; raised instead of waiting for a rate-limit slot or a backoff."""
+
+
+def _shown(value: object) -> str:
+    """A value from an answer, fit for a one-line message: a string's or number's repr, cut short, else its type.
+
+    repr() escapes line breaks and terminal control characters; the repr of deeply nested JSON could recurse.
+    """
+    return f"{value!r:.120}" if isinstance(value, (str, int, float)) else type(value).__name__
 
 
 def interpret_get_location(body: bytes) -> Location | NoGeotag:
     """Reads a `format=json&nojsoncallback=1` answer of flickr.photos.geo.getLocation."""
     try:
         answer = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise InvalidAnswerError("JSON nested too deeply to read") from None
+    except ValueError as e:  # not JSON, not UTF-8, or an integer beyond Python's digit limit
         raise TransientError(f"invalid JSON ({e}): {body[:80]!r}") from None
     if not isinstance(answer, dict):
         raise TransientError(f"unexpected JSON: {body[:80]!r}")
     if answer.get("stat") == "fail":
-        code, message = answer.get("code"), answer.get("message", "")
+        code, message = answer.get("code"), _shown(answer.get("message", ""))
+        if type(code) is not int:  # Flickr's codes are JSON integers; true == 1 and 1.0 == 1 in Python
+            raise InvalidAnswerError(f"stat=fail with a code that is not an integer: {_shown(code)}")
         if code in (CODE_PHOTO_NOT_FOUND, CODE_NO_LOCATION):
             return NoGeotag(code)
         if code == CODE_INVALID_API_KEY:
             raise InvalidApiKeyError(f"Flickr rejected the API key (code 100: {message})")
         if code == CODE_SERVICE_UNAVAILABLE:
             raise TransientError(f"Flickr service unavailable (code 105: {message})")
-        raise FlickrError(f"Flickr error code {code}: {message}")
+        raise FlickrError(f"Flickr error code {_shown(code)}: {message}")
     if answer.get("stat") != "ok":
         raise TransientError(f"answer with neither stat=ok nor stat=fail: {body[:80]!r}")
     try:
@@ -105,12 +129,22 @@ def interpret_get_location(body: bytes) -> Location | NoGeotag:
         lat, lon = float(location["latitude"]), float(location["longitude"])
         accuracy = int(location.get("accuracy", 0))
         country = location.get("country", {}).get("_content", "")
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         # An "ok" answer without a readable location is a broken reply, not a fact about the photo.
         raise TransientError(f"answer without a readable location: {body[:120]!r}") from None
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-        raise TransientError(f"coordinates out of range: {body[:120]!r}")
+    try:
+        fmt.check_location(lat, lon, accuracy, country)
+    except ValueError as e:
+        raise InvalidAnswerError(str(e)) from None
     return Location(lat, lon, accuracy, country)
+
+
+def read_answer(stream: BinaryIO) -> bytes:
+    """The body of an answer, reading at most one byte past MAX_ANSWER_BYTES: InvalidAnswerError if longer."""
+    body = stream.read(MAX_ANSWER_BYTES + 1)
+    if len(body) > MAX_ANSWER_BYTES:
+        raise InvalidAnswerError(f"answer over {MAX_ANSWER_BYTES} bytes (getLocation's are about 1 KB)")
+    return body
 
 
 def check_endpoint(endpoint: str) -> None:
@@ -223,13 +257,14 @@ class FlickrClient:
         self._backoff_cap = backoff_cap
 
     def get_location(self, photo_id: str) -> Location | NoGeotag:
-        """Flickr's answer for one photo. Raises TransientError once every attempt failed, FlickrError, Stopped.
+        """Flickr's answer for one photo. Raises TransientError once every attempt failed, InvalidAnswerError (not
+        retried), FlickrError, Stopped.
 
         Every error leaves through here with the API key redacted from its message, and without its cause chained.
         """
         try:
             return self._get_location(photo_id)
-        except (TransientError, FlickrError) as e:
+        except (TransientError, InvalidAnswerError, FlickrError) as e:
             raise type(e)(redact(str(e), self._api_key)) from None
 
     def _get_location(self, photo_id: str) -> Location | NoGeotag:
@@ -244,6 +279,8 @@ class FlickrClient:
                 return interpret_get_location(redact(self._fetch(url), self._api_key))
             except TransientError as e:
                 last_error = e
+            except InvalidAnswerError as e:
+                raise InvalidAnswerError(f"photo {photo_id}: invalid answer: {e}") from None
         raise TransientError(f"photo {photo_id}: gave up after {self._max_attempts} attempts; last: {last_error}")
 
     def _pause(self, seconds: float) -> None:
@@ -254,7 +291,7 @@ class FlickrClient:
         """The body of the answer. Its errors may quote `url`, key included: get_location redacts them."""
         try:
             with urllib.request.urlopen(url, timeout=self._timeout) as response:
-                return response.read()
+                return read_answer(response)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code >= 500 or e.code == 429:
