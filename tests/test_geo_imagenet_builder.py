@@ -286,6 +286,22 @@ def test_empty_split_is_an_error(tmp_path):
         build(tmp_path / "manual", tmp_path / "data")
 
 
+def test_builder_reads_geotags_and_words_saved_with_a_bom_and_blank_lines(tmp_path):
+    """What an editor leaves in a hand-edited manual dir: a UTF-8 BOM, CRLF and blank lines, trailing ones too."""
+    summary = sample_geo_imagenet.generate(tmp_path / "manual", seed=4, num_classes=2, images_per_class=6,
+                                           geotagged_fraction=1.0)
+    for name in ("geotags.csv", "words.txt"):
+        path = tmp_path / "manual" / name
+        lines = path.read_text(encoding="utf-8").splitlines()
+        path.write_text("\ufeff" + "\r\n".join(lines[:2] + [""] + lines[2:]) + "\r\n\r\n  \n", encoding="utf-8",
+                        newline="")
+    builder = build(tmp_path / "manual", tmp_path / "data")
+    built_ids = {ex["image_id"].decode() for split in ("train", "val") for ex in examples(builder, split)}
+    assert built_ids == {f"{wnid}_{n}" for wnid in summary["wnids"] for n in range(1, 7)}
+    words = dict(sample_geo_imagenet.SAMPLE_CLASSES)
+    assert builder.info.metadata["class_names"] == [words[wnid] for wnid in summary["wnids"]]
+
+
 def test_bad_geotags_row_names_file_and_line(tmp_path):
     sample_geo_imagenet.generate(tmp_path / "manual", num_classes=1, images_per_class=2, geotagged_fraction=1.0)
     with open(tmp_path / "manual" / "geotags.csv", "a") as f:

@@ -244,6 +244,32 @@ def test_missing_and_words_formats():
         fmt.parse_words(["tench\n"], "w")
 
 
+def _as_an_editor_saves_it(text):
+    """`text` as a Windows editor may save it: a UTF-8 byte-order mark first, CRLF, blank lines here and there."""
+    lines = text.splitlines()
+    return "\ufeff\r\n" + "\r\n".join(lines[:2] + ["", "   "] + lines[2:]) + "\r\n\r\n\n"
+
+
+def test_readers_skip_a_byte_order_mark_and_blank_lines():
+    geotags = ("image_id,wnid,lat,lon,accuracy,country\nn01440764_1,n01440764,1.5,2.5,16,France\n"
+               "n01440764_2,n01440764,-3.0,4.0,9,\n")
+    missing = "image_id,wnid,code\nn01440764_3,n01440764,2\nn01440764_4,n01440764,1\n"
+    words = "n01440764\ttench, Tinca tinca\nn02102040\tspringer\n"
+    for text in (geotags, missing, words):
+        edited = _as_an_editor_saves_it(text)
+        assert edited.startswith("\ufeff") and edited.endswith("\n\n") and "\n   \r\n" in edited
+        # Read as the builder and the geotagger open files: text mode, universal newlines or newline="".
+        for lines in (io.StringIO(edited, newline=None), io.StringIO(edited, newline="")):
+            if text is words:
+                assert fmt.parse_words(lines, "w") == fmt.parse_words(text.splitlines(keepends=True), "w")
+            else:
+                read = fmt.read_geotags if text is geotags else fmt.read_missing
+                assert list(read(lines, "f")) == list(read(text.splitlines(keepends=True), "f"))
+    # Line numbers in errors still count every line, blank ones included.
+    with pytest.raises(ValueError, match="f:6: coordinates out of range"):
+        list(fmt.read_geotags(io.StringIO(_as_an_editor_saves_it(geotags.replace("-3.0", "-93.0"))), "f"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A fake Flickr.
 
@@ -484,6 +510,23 @@ def test_invalid_answers_are_failures_asked_once_and_the_files_read_back(world, 
     assert geotag.main(tool_args(urls, out, healed.endpoint)) == 0
     assert sorted(healed.asked()) == sorted(faults)
     assert_complete(out, truth, image_of_photo)
+
+
+def test_output_saved_by_an_editor_is_resumed(world):
+    """A BOM and blank lines (an editor's save) neither stop the geotagger nor hide the rows it appends after."""
+    urls, out, truth, image_of_photo, serve = world
+    lines = urls.read_text().splitlines(keepends=True)
+    first = urls.parent / "first.txt"
+    first.write_text("".join(lines[:8]))
+    server = serve()
+    assert geotag.main(tool_args(first, out, server.endpoint)) == 0
+    for path in (out, out.parent / "geotags.csv.missing"):
+        path.write_text(_as_an_editor_saves_it(path.read_text()), encoding="utf-8", newline="")
+    asked_before = len(server.asked())
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 0
+    answered_first = {p for p, image in image_of_photo.items() if f"{image}\t" in "".join(lines[:8])}
+    assert not answered_first & set(server.asked()[asked_before:])
+    assert geotag.read_answered(str(out)) == set(image_of_photo.values())
 
 
 def test_torn_last_line_is_dropped_and_its_photo_asked_again(world, caplog):

@@ -163,19 +163,32 @@ def parse_missing(row: list[str], where: str) -> Missing:
     return missing
 
 
+def _without_bom(lines: Iterable[str]) -> Iterator[str]:
+    """`lines` without the UTF-8 byte-order mark some editors (Notepad, Excel) put before the first one."""
+    lines = iter(lines)
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix("\ufeff")
+        yield from lines
+
+
 def _records(lines: Iterable[str], columns: tuple[str, ...], source: str) -> Iterator[tuple[str, list[str]]]:
-    """(where, row) for each record after checking the header; each image id may appear once."""
-    reader = csv.reader(lines)
-    header = next(reader, None)
+    """(where, row) for each record after checking the header; each image id may appear once.
+
+    Blank lines, wherever they are, are no records (an editor's save often adds one at the end), but still count
+    in `where`'s line numbers.
+    """
+    reader = csv.reader(_without_bom(lines))
+    records = (row for row in reader if len(row) > 1 or "".join(row).strip())
+    header = next(records, None)
     if header is None or tuple(header) != columns:
         raise ValueError(f"{source}: header must be {','.join(columns)}, got {header!r}")
     seen = set()
-    for row in reader:
+    for row in records:
         where = f"{source}:{reader.line_num}"
-        if row and row[0] in seen:
+        if row[0] in seen:
             raise ValueError(f"{where}: image id {row[0]!r} appears twice")
-        if row:
-            seen.add(row[0])
+        seen.add(row[0])
         yield where, row
 
 
@@ -193,9 +206,9 @@ def read_missing(lines: Iterable[str], source: str) -> Iterator[Missing]:
 def parse_words(lines: Iterable[str], source: str) -> dict[str, str]:
     """ImageNet's words.txt (`<wnid>\\t<comma-separated synonyms>` per line) as {wnid: names}."""
     names = {}
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_without_bom(lines), start=1):
         line = line.rstrip("\r\n")
-        if not line:
+        if not line.strip():
             continue
         wnid, tab, name = line.partition("\t")
         if not tab or not is_wnid(wnid):
