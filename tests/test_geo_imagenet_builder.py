@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import pathlib
 import re
 import subprocess
@@ -20,6 +21,7 @@ from tfds_builders.geo_imagenet import sample as sample_geo_imagenet
 from tfds_builders.geo_imagenet import geo_imagenet_dataset_builder as gib
 
 BUILDER_DIR = pathlib.Path(gib.__file__).parent
+REPO_ROOT = BUILDER_DIR.parents[1]
 GHOST_WNID = "n09999999"  # in geotags.csv, absent from the manual dir
 
 
@@ -321,7 +323,9 @@ def test_tfds_build_cli_on_a_tiny_tree_without_words(tmp_path):
     tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
     result = subprocess.run(
         [str(tfds_cli), "build", str(BUILDER_DIR), f"--manual_dir={tmp_path / 'manual'}", "--config=s64",
-         f"--data_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=300)
+         f"--data_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=300,
+        # The builder imports tfds_builders.*: from this checkout, not whichever one the venv has installed.
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert result.returncode == 0, result.stderr[-3000:]
     builder = tfds.builder_from_directory(str(tmp_path / "data" / "geo_imagenet" / "s64" / "1.0.0"))
     assert builder.info.features["label"].names == summary["wnids"]
