@@ -10,6 +10,7 @@ TensorFlow.
 
 import csv
 import dataclasses
+import hashlib
 import io
 import re
 from typing import Iterable, Iterator
@@ -43,6 +44,17 @@ def wnid_of(image_id: str) -> str:
 
 def is_wnid(name: str) -> bool:
     return _WNID_RE.fullmatch(name) is not None
+
+
+def split_of(image_id: str, val_fraction: float) -> str:
+    """'val' when the first 8 bytes of sha256(image_id), read big-endian, fall below val_fraction * 2**64.
+
+    A hash of the id (not Python's salted hash(), not file order) gives the same split on every machine, for every
+    subset of the data, and keeps an image in its split when more geotags arrive later. Here, beside the id
+    grammar, so the sample generator can give both splits an image without importing TensorFlow.
+    """
+    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
