@@ -4,7 +4,9 @@ import collections
 import csv
 import hashlib
 import io
+import itertools
 import logging
+import os
 import pathlib
 import re
 import subprocess
@@ -18,8 +20,10 @@ import tensorflow_datasets as tfds
 
 from tfds_builders.geo_imagenet import sample as sample_geo_imagenet
 from tfds_builders.geo_imagenet import geo_imagenet_dataset_builder as gib
+from tfds_builders.geo_imagenet import geotags_format as fmt
 
 BUILDER_DIR = pathlib.Path(gib.__file__).parent
+REPO_ROOT = BUILDER_DIR.parents[1]
 GHOST_WNID = "n09999999"  # in geotags.csv, absent from the manual dir
 
 
@@ -51,11 +55,11 @@ def examples(builder, split):
 def test_split_of_follows_the_documented_hash_and_ratio():
     ids = [f"n{1000000 + i % 7:08d}_{i}" for i in range(5000)]
     for fraction in (0.1, 0.2):
-        splits = [gib.split_of(i, fraction) for i in ids]
+        splits = [fmt.split_of(i, fraction) for i in ids]
         assert splits == [expected_split(i, fraction) for i in ids]
         assert abs(splits.count("val") / len(ids) - fraction) < 0.02
     # A bigger val fraction only moves images from train to val, never back.
-    assert all(gib.split_of(i, 0.2) == "val" for i in ids if gib.split_of(i, 0.1) == "val")
+    assert all(fmt.split_of(i, 0.2) == "val" for i in ids if fmt.split_of(i, 0.1) == "val")
 
 
 @pytest.mark.parametrize("width, height, side, want", [
@@ -123,16 +127,17 @@ def test_sample_generator_is_deterministic_and_layouts_hold_the_same_images(tmp_
     assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
     assert _tree_bytes(tmp_path / "a") != _tree_bytes(tmp_path / "c")
     assert summary["images"] == 12 and summary["wnids"] == sorted(summary["wnids"])
-    for wnid in summary["wnids"]:
-        folder = {p.name: p.read_bytes() for p in (tmp_path / "a" / wnid).iterdir()}
-        with tarfile.open(tmp_path / "t" / f"{wnid}.tar") as tar:
-            packed = {m.name: tar.extractfile(m).read() for m in tar}
-        assert folder == packed and sorted(folder) == [f"{wnid}_{n}.JPEG" for n in range(1, 5)]
     tags = read_geotags_csv(tmp_path / "a" / "geotags.csv")
     with open(tmp_path / "a" / "geotags.csv.missing", newline="") as f:
         missing = [row["image_id"] for row in csv.DictReader(f)]
     assert len(tags) == summary["geotagged"] and len(tags) + len(missing) == 12
     assert set(tags).isdisjoint(missing)
+    for wnid in summary["wnids"]:
+        folder = {p.name: p.read_bytes() for p in (tmp_path / "a" / wnid).iterdir()}
+        with tarfile.open(tmp_path / "t" / f"{wnid}.tar") as tar:
+            packed = {m.name: tar.extractfile(m).read() for m in tar}
+        assert folder == packed
+        assert sorted(folder) == sorted(f"{i}.JPEG" for i in [*tags, *missing] if i.startswith(wnid + "_"))
     assert (tmp_path / "a" / "words.txt").read_text().startswith("n01440764\ttench")
 
 
@@ -151,6 +156,66 @@ def test_sample_images_and_coordinates_carry_class_structure(tmp_path):
         centroids = np.stack([features[labels == c].mean(0) for c in classes])
         nearest = np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
         assert list(np.array(classes)[nearest]) == list(labels)
+
+
+def test_sample_gives_both_splits_of_every_builder_config_whatever_the_arguments(tmp_path):
+    fractions = sorted({config.val_fraction for config in gib.Builder.BUILDER_CONFIGS})
+    assert min(sample_geo_imagenet.VAL_FRACTIONS) <= fractions[0] <= fractions[-1] <= max(
+        sample_geo_imagenet.VAL_FRACTIONS)
+    for seed, classes, per_class, tagged in itertools.product((0, 1, 2), (1, 2, 3), (1, 2, 3, 5), (0.0, 0.5, 1.0)):
+        if classes * per_class < 2:
+            continue
+        out = tmp_path / f"{seed}_{classes}_{per_class}_{tagged}"
+        summary = sample_geo_imagenet.generate(out, seed=seed, num_classes=classes, images_per_class=per_class,
+                                               geotagged_fraction=tagged, layout="dirs")
+        ids = read_geotags_csv(out / "geotags.csv")
+        for fraction in fractions:
+            splits = {expected_split(image_id, fraction) for image_id in ids}
+            assert splits == {"train", "val"}, (seed, classes, per_class, tagged, fraction)
+        assert all((out / row["wnid"] / f"{image_id}.JPEG").is_file() for image_id, row in ids.items())
+        assert summary["images"] == sum(1 for _ in out.glob("n*/*.JPEG")) == classes * per_class
+        if tagged == 1.0:
+            assert len(ids) == classes * per_class
+
+
+def test_image_numbers_give_each_split_an_id_and_renumber_only_when_they_must():
+    low, high = min(sample_geo_imagenet.VAL_FRACTIONS), max(sample_geo_imagenet.VAL_FRACTIONS)
+    renumbered = collections.Counter()
+    for i in range(300):
+        wnids = [f"n{10000000 + 2 * i:08d}", f"n{10000001 + 2 * i:08d}"]  # many trees, unlike SAMPLE_CLASSES
+        for tree_wnids, per_class in ((wnids[:1], 2), (wnids, 1), (wnids, 3)):
+            numbers = sample_geo_imagenet.image_numbers(tree_wnids, per_class)
+            ids = [f"{wnid}_{n}" for wnid in tree_wnids for n in numbers[wnid]]
+            plain = [f"{wnid}_{n}" for wnid in tree_wnids for n in range(1, per_class + 1)]
+            assert any(expected_split(i, low) == "val" for i in ids)
+            assert any(expected_split(i, high) == "train" for i in ids)
+            assert all(len(set(numbers[wnid])) == per_class for wnid in tree_wnids)
+            changed = [new for new, old in zip(ids, plain) if new != old]
+            if any(expected_split(i, low) == "val" for i in plain) and any(
+                    expected_split(i, high) == "train" for i in plain):
+                assert not changed
+            else:
+                assert 1 <= len(changed) <= 2
+            renumbered.update("val" if expected_split(i, low) == "val" else "train" for i in changed)
+    assert renumbered["val"] and renumbered["train"]  # both fallbacks were exercised
+
+
+def test_sample_refuses_a_tree_too_small_for_two_splits_in_one_line(tmp_path, capsys):
+    with pytest.raises(ValueError, match="at least 2 images"):
+        sample_geo_imagenet.generate(tmp_path / "one", num_classes=1, images_per_class=1)
+    for args in (["--classes", "1", "--images_per_class", "1"], ["--classes", "11"]):
+        with pytest.raises(SystemExit) as exit_info:
+            sample_geo_imagenet.main([str(tmp_path / "cli"), *args])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error and error.splitlines()[-1].startswith("python -m")
+
+
+@pytest.mark.parametrize("config", ["s64", "s256"])
+def test_smallest_sample_builds_both_splits(tmp_path, config):
+    sample_geo_imagenet.generate(tmp_path / "manual", num_classes=1, images_per_class=2, geotagged_fraction=0.0)
+    builder = build(tmp_path / "manual", tmp_path / "data", config=config)
+    assert builder.info.splits["train"].num_examples == builder.info.splits["val"].num_examples == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,11 +344,29 @@ def test_empty_manual_dir_is_a_clear_error(tmp_path):
 
 
 def test_empty_split_is_an_error(tmp_path):
-    sample_geo_imagenet.generate(tmp_path / "manual", num_classes=1, images_per_class=1, geotagged_fraction=1.0)
-    image_id = next(iter(read_geotags_csv(tmp_path / "manual" / "geotags.csv")))
-    empty = "train" if expected_split(image_id, 0.2) == "val" else "val"
-    with pytest.raises(ValueError, match=f"split '{empty}' is empty"):
+    sample_geo_imagenet.generate(tmp_path / "manual", num_classes=1, images_per_class=4, geotagged_fraction=1.0)
+    geotags = tmp_path / "manual" / "geotags.csv"
+    header, *rows = geotags.read_text().splitlines(keepends=True)
+    geotags.write_text(header + "".join(r for r in rows if expected_split(r.split(",")[0], 0.2) == "train"))
+    with pytest.raises(ValueError, match="split 'val' is empty"):
         build(tmp_path / "manual", tmp_path / "data")
+
+
+def test_builder_reads_geotags_and_words_saved_with_a_bom_and_blank_lines(tmp_path):
+    """What an editor leaves in a hand-edited manual dir: a UTF-8 BOM, CRLF and blank lines, trailing ones too."""
+    summary = sample_geo_imagenet.generate(tmp_path / "manual", seed=4, num_classes=2, images_per_class=6,
+                                           geotagged_fraction=1.0)
+    tags = read_geotags_csv(tmp_path / "manual" / "geotags.csv")
+    for name in ("geotags.csv", "words.txt"):
+        path = tmp_path / "manual" / name
+        lines = path.read_text(encoding="utf-8").splitlines()
+        path.write_text("\ufeff" + "\r\n".join(lines[:2] + [""] + lines[2:]) + "\r\n\r\n  \n", encoding="utf-8",
+                        newline="")
+    builder = build(tmp_path / "manual", tmp_path / "data")
+    built_ids = {ex["image_id"].decode() for split in ("train", "val") for ex in examples(builder, split)}
+    assert built_ids == set(tags) and len(tags) == 12
+    words = dict(sample_geo_imagenet.SAMPLE_CLASSES)
+    assert builder.info.metadata["class_names"] == [words[wnid] for wnid in summary["wnids"]]
 
 
 def test_bad_geotags_row_names_file_and_line(tmp_path):
@@ -305,7 +388,9 @@ def test_tfds_build_cli_on_a_tiny_tree_without_words(tmp_path):
     tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
     result = subprocess.run(
         [str(tfds_cli), "build", str(BUILDER_DIR), f"--manual_dir={tmp_path / 'manual'}", "--config=s64",
-         f"--data_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=300)
+         f"--data_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=300,
+        # The builder imports tfds_builders.*: from this checkout, not whichever one the venv has installed.
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert result.returncode == 0, result.stderr[-3000:]
     builder = tfds.builder_from_directory(str(tmp_path / "data" / "geo_imagenet" / "s64" / "1.0.0"))
     assert builder.info.features["label"].names == summary["wnids"]

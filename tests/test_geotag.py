@@ -4,16 +4,20 @@ import collections
 import csv
 import dataclasses
 import http.server
+import io
 import json
 import os
 import pathlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 
+import numpy as np
 import pytest
 
 from tfds_builders.geo_imagenet import flickr, geotag
@@ -87,9 +91,48 @@ def test_interpret_get_location():
         flickr.interpret_get_location(_fail_body(100, "Invalid API Key"))
     with pytest.raises(flickr.FlickrError, match="code 112"):
         flickr.interpret_get_location(_fail_body(112, "Method not found"))
-    for transient in (_fail_body(105), b"<html>oops", b"[1, 2]", b'{"stat": "ok", "photo": {}}', _ok_body(91, 0)):
+    accuracy_inf = b'{"stat": "ok", "photo": {"location": {"latitude": 1, "longitude": 2, "accuracy": 1e999}}}'
+    too_many_digits = b"1" * 5000  # beyond Python's int digit limit: a ValueError, not a JSONDecodeError
+    for transient in (_fail_body(105), b"<html>oops", b"[1, 2]", b'{"stat": "ok", "photo": {}}', too_many_digits,
+                      accuracy_inf):
         with pytest.raises(flickr.TransientError):
             flickr.interpret_get_location(transient)
+
+
+# Answers that parse but that geotags.csv may not hold, or that are built to hurt the parser.
+INVALID_ANSWERS = {
+    "accuracy99": (_ok_body(48.8, 2.3, 99), "Flickr accuracy must be 0..16, got 99"),
+    "lat91": (_ok_body(91, 0), "coordinates out of range"),
+    "nan": (_ok_body("NaN", 0), "coordinates out of range"),
+    "country_int": (_ok_body(48.8, 2.3, 16, 5), "country must be text, got int"),
+    "country_list": (_ok_body(48.8, 2.3, 16, ["France"]), "country must be text, got list"),
+    "country_null": (_ok_body(48.8, 2.3, 16, None).replace(b'"accuracy"', b'"country": {"_content": null}, '
+                                                             b'"accuracy"'), "country must be text, got NoneType"),
+    "country_control": (_ok_body(48.8, 2.3, 16, "Fr\x1b[2Jance"), "country must be printable"),
+    "country_newline": (_ok_body(48.8, 2.3, 16, "Korea,\nRepublic of"), "country must be printable"),
+    "country_surrogate": (_ok_body(48.8, 2.3, 16, "\ud800"), "country must be printable"),
+    "country_long": (_ok_body(48.8, 2.3, 16, "x" * 1000), "at most 200 characters"),
+    "nested": (b'{"stat": "ok", "photo": ' + b"[" * 20000 + b"]" * 20000 + b"}", "nested too deeply"),
+    "huge": (b" " * (2 << 20) + _ok_body(48.8, 2.3, 16), "over 65536 bytes"),
+    "code_true": (_fail_body(True), "code that is not an integer: True"),
+    "code_float": (_fail_body(2.0), "code that is not an integer: 2.0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(INVALID_ANSWERS) - {"huge"}))
+def test_interpret_get_location_refuses_what_geotags_csv_may_not_hold(name):
+    body, reason = INVALID_ANSWERS[name]
+    with pytest.raises(flickr.InvalidAnswerError, match=re.escape(reason)):
+        flickr.interpret_get_location(body)
+
+
+def test_read_answer_reads_at_most_one_byte_past_the_cap():
+    stream = io.BytesIO(b" " * (10 * flickr.MAX_ANSWER_BYTES))
+    with pytest.raises(flickr.InvalidAnswerError, match=f"over {flickr.MAX_ANSWER_BYTES} bytes"):
+        flickr.read_answer(stream)
+    assert stream.tell() == flickr.MAX_ANSWER_BYTES + 1
+    body = b"x" * flickr.MAX_ANSWER_BYTES
+    assert flickr.read_answer(io.BytesIO(body)) == body
 
 
 def test_location_request_url_carries_the_documented_query():
@@ -141,13 +184,34 @@ def test_drop_torn_tail(tmp_path):
 
 
 def test_geotags_format_round_trips_one_line_per_row():
-    tags = [fmt.GeoTag("n02102040_7", "n02102040", 37.566535, 126.977969, 16, "Korea,\nRepublic of"),
-            fmt.GeoTag("n01440764_1", "n01440764", 0.1 + 0.2, 1e-7, 0, "")]
+    tags = [fmt.GeoTag("n02102040_7", "n02102040", 37.566535, 126.977969, 16, 'Korea, "Republic" of'),
+            fmt.GeoTag("n01440764_1", "n01440764", 0.1 + 0.2, 1e-7, 0, ""),
+            fmt.GeoTag("n01440764_2", "n01440764", np.float64(-12.5), np.float64(1 / 3), 4, "Côte d'Ivoire")]
     text = fmt.csv_line(fmt.GEOTAG_COLUMNS) + "".join(fmt.geotag_line(t) for t in tags)
-    assert text.count("\n") == 3
+    assert text.count("\n") == 4
     back = list(fmt.read_geotags(text.splitlines(keepends=True), "g.csv"))
-    assert back[0] == dataclasses.replace(tags[0], country="Korea, Republic of")
-    assert back[1] == tags[1]  # floats exactly, including 0.30000000000000004
+    assert back == tags  # floats exactly, including 0.30000000000000004 and numpy's
+
+
+@pytest.mark.parametrize("tag, error", [
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 99, "France"), "Flickr accuracy must be 0..16"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, True, "France"), "Flickr accuracy must be 0..16"),
+    (fmt.GeoTag("n01440764_1", "n01440764", float("nan"), 2.0, 9, "France"), "coordinates out of range"),
+    (fmt.GeoTag("n01440764_1", "n01440764", "1.0", 2.0, 9, "France"), "lat/lon must be floats, got str"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 9, 5), "country must be text, got int"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 9, "Korea,\nRepublic of"), "country must be printable"),
+    (fmt.GeoTag("n01440764_1", "n01440764", 1.0, 2.0, 9, "\ud800"), "country must be printable"),
+    (fmt.GeoTag("n01440764_1", "n02102040", 1.0, 2.0, 9, "France"), "does not match"),
+])
+def test_geotag_line_refuses_a_row_the_reader_would_refuse(tag, error):
+    with pytest.raises(ValueError, match=error):
+        fmt.geotag_line(tag)
+
+
+@pytest.mark.parametrize("code", [True, 1.0, "1", 100])
+def test_missing_line_refuses_a_code_the_reader_would_refuse(code):
+    with pytest.raises(ValueError, match="code must be one of"):
+        fmt.missing_line(fmt.Missing("n01440764_3", "n01440764", code))
 
 
 @pytest.mark.parametrize("body, error", [
@@ -158,6 +222,8 @@ def test_geotags_format_round_trips_one_line_per_row():
     ("n01440764_1,n01440764,north,2,16,France\n", r"g.csv:2: lat/lon/accuracy must be numbers"),
     ("n01440764_1,n01440764,1,2,17,France\n", r"g.csv:2: Flickr accuracy must be 0..16"),
     ("n01440764_1,n01440764,1,2,16\n", r"g.csv:2: expected the 6 fields"),
+    ("n01440764_1,n01440764,1,2,16,Fr\x07ance\n", r"g.csv:2: country must be printable"),
+    ('n01440764_1,n01440764,1,2,16,"Korea,\nRepublic of"\n', r"g.csv:3: country must be printable"),  # ends on 3
 ])
 def test_geotags_format_names_file_and_line_of_bad_rows(body, error):
     lines = (fmt.csv_line(fmt.GEOTAG_COLUMNS) + body).splitlines(keepends=True)
@@ -178,6 +244,32 @@ def test_missing_and_words_formats():
         fmt.parse_words(["tench\n"], "w")
 
 
+def _as_an_editor_saves_it(text):
+    """`text` as a Windows editor may save it: a UTF-8 byte-order mark first, CRLF, blank lines here and there."""
+    lines = text.splitlines()
+    return "\ufeff\r\n" + "\r\n".join(lines[:2] + ["", "   "] + lines[2:]) + "\r\n\r\n\n"
+
+
+def test_readers_skip_a_byte_order_mark_and_blank_lines():
+    geotags = ("image_id,wnid,lat,lon,accuracy,country\nn01440764_1,n01440764,1.5,2.5,16,France\n"
+               "n01440764_2,n01440764,-3.0,4.0,9,\n")
+    missing = "image_id,wnid,code\nn01440764_3,n01440764,2\nn01440764_4,n01440764,1\n"
+    words = "n01440764\ttench, Tinca tinca\nn02102040\tspringer\n"
+    for text in (geotags, missing, words):
+        edited = _as_an_editor_saves_it(text)
+        assert edited.startswith("\ufeff") and edited.endswith("\n\n") and "\n   \r\n" in edited
+        # Read as the builder and the geotagger open files: text mode, universal newlines or newline="".
+        for lines in (io.StringIO(edited, newline=None), io.StringIO(edited, newline="")):
+            if text is words:
+                assert fmt.parse_words(lines, "w") == fmt.parse_words(text.splitlines(keepends=True), "w")
+            else:
+                read = fmt.read_geotags if text is geotags else fmt.read_missing
+                assert list(read(lines, "f")) == list(read(text.splitlines(keepends=True), "f"))
+    # Line numbers in errors still count every line, blank ones included.
+    with pytest.raises(ValueError, match="f:6: coordinates out of range"):
+        list(fmt.read_geotags(io.StringIO(_as_an_editor_saves_it(geotags.replace("-3.0", "-93.0"))), "f"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A fake Flickr.
 
@@ -186,8 +278,9 @@ class FakeFlickr:
     """flickr.photos.geo.getLocation on 127.0.0.1, answering from a script.
 
     `truth[photo_id]` is the final answer: ("located", lat, lon, accuracy, country) or ("none", code).
-    `faults[photo_id]` lists what the first requests for that photo get instead: "500", "badjson", "105" or
-    "slow" (the answer only after SLOW_S, past the client's timeout). `requests` records every photo id asked.
+    `faults[photo_id]` lists what the first requests for that photo get instead: "500", "badjson", "105",
+    "slow" (the answer only after SLOW_S, past the client's timeout) or a key of INVALID_ANSWERS. `requests`
+    records every photo id asked.
     """
 
     SLOW_S = 2.0
@@ -235,6 +328,8 @@ class FakeFlickr:
             return 200, _fail_body(105, "Service currently unavailable")
         if fault == "slow":
             time.sleep(self.SLOW_S)
+        if fault in INVALID_ANSWERS:
+            return 200, INVALID_ANSWERS[fault][0]
         kind, *rest = self.truth[photo_id]
         if kind == "none":
             return 200, _fail_body(rest[0], "Photo has no location information.")
@@ -395,6 +490,45 @@ def test_photo_failing_every_retry_is_not_recorded_and_is_asked_next_run(world, 
     assert_complete(out, truth, image_of_photo)
 
 
+def test_invalid_answers_are_failures_asked_once_and_the_files_read_back(world, caplog):
+    urls, out, truth, image_of_photo, serve = world
+    faults = {photo: [name] for photo, name in zip(sorted(truth), sorted(INVALID_ANSWERS))}
+    assert len(faults) == len(INVALID_ANSWERS)
+    server = serve(faults=faults)
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 3  # "some photos failed": rerun
+    asked = collections.Counter(server.asked())
+    assert all(asked[photo] == 1 for photo in faults), "an invalid answer is not asked again in the same run"
+    warnings = [r.getMessage() for r in caplog.records if "invalid answer" in r.getMessage()]
+    for photo, [name] in faults.items():
+        [line] = [w for w in warnings if w.startswith(f"{image_of_photo[photo]}: photo {photo}: invalid answer")]
+        assert INVALID_ANSWERS[name][1] in line and "the next run asks again" in line
+    assert f"{len(faults)} photos failed" in caplog.text
+    answered = geotag.read_answered(str(out))  # what was written reads back
+    assert answered == {image_of_photo[photo] for photo in truth if photo not in faults}
+
+    healed = serve()
+    assert geotag.main(tool_args(urls, out, healed.endpoint)) == 0
+    assert sorted(healed.asked()) == sorted(faults)
+    assert_complete(out, truth, image_of_photo)
+
+
+def test_output_saved_by_an_editor_is_resumed(world):
+    """A BOM and blank lines (an editor's save) neither stop the geotagger nor hide the rows it appends after."""
+    urls, out, truth, image_of_photo, serve = world
+    lines = urls.read_text().splitlines(keepends=True)
+    first = urls.parent / "first.txt"
+    first.write_text("".join(lines[:8]))
+    server = serve()
+    assert geotag.main(tool_args(first, out, server.endpoint)) == 0
+    for path in (out, out.parent / "geotags.csv.missing"):
+        path.write_text(_as_an_editor_saves_it(path.read_text()), encoding="utf-8", newline="")
+    asked_before = len(server.asked())
+    assert geotag.main(tool_args(urls, out, server.endpoint)) == 0
+    answered_first = {p for p, image in image_of_photo.items() if f"{image}\t" in "".join(lines[:8])}
+    assert not answered_first & set(server.asked()[asked_before:])
+    assert geotag.read_answered(str(out)) == set(image_of_photo.values())
+
+
 def test_torn_last_line_is_dropped_and_its_photo_asked_again(world, caplog):
     urls, out, truth, image_of_photo, serve = world
     lines = urls.read_text().splitlines(keepends=True)
@@ -467,3 +601,152 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path):
         assert_complete(out, truth, image_of_photo)
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API key never leaves the request.
+
+# Distinctive, with characters a URL percent-encodes, so both forms and a cut-off prefix can be searched for.
+SECRET_KEY = "SECRETKEY+q7/0d41d8cd98f00b2"
+SECRET_FORMS = (SECRET_KEY, urllib.parse.quote_plus(SECRET_KEY), SECRET_KEY[:9], SECRET_KEY[-9:])
+
+
+class EchoServer:
+    """A broken endpoint that quotes the request it got (as proxies' error pages do): `mode` is the first path
+    segment of the endpoint: "500", "404" (the URL in the status reason and the body), "page" (HTTP 200, the URL
+    as the body), "redirect" (to a gopher:// URL carrying the query, which urllib refuses to follow) or "badhost"
+    (a redirect to a host name too long for IDNA: urllib raises a bare UnicodeError)."""
+
+    def __init__(self):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                mode = self.path.split("/")[1]
+                if mode in ("redirect", "badhost"):
+                    self.send_response(301)
+                    host = "gopher://127.0.0.1" if mode == "redirect" else "http://" + "x" * 70 + ".example"
+                    self.send_header("Location", host + self.path)
+                    body = b""
+                else:
+                    self.send_response(200 if mode == "page" else int(mode), f"no such page: {self.path}")
+                    body = f"{self.path}\n<html>not the API</html>".encode()
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_cli_with_secret_key(tmp_path, endpoint):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("n01440764_1\thttp://farm1.static.flickr.com/1/111_aa.jpg\n"
+                    "n01440764_2\thttp://farm1.static.flickr.com/1/222_bb.jpg\n")
+    out = tmp_path / "out" / "geotags.csv"
+    out.parent.mkdir()
+    args = [sys.executable, "-m", "tfds_builders.geo_imagenet.geotag", "--urls", str(urls), "--out", str(out),
+            "--endpoint", endpoint, "--timeout", "5", "--backoff", "0.01", "--max-attempts", "2",
+            "--calls-per-hour", "3600000"]
+    env = dict(os.environ, FLICKR_API_KEY=SECRET_KEY)
+    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    texts = {"stdout": result.stdout, "stderr": result.stderr}
+    texts.update({str(p): p.read_text(errors="replace") for p in out.parent.iterdir()})
+    for where, text in texts.items():
+        for form in SECRET_FORMS:
+            assert form not in text, f"the API key ({form!r}) is in {where}:\n{text}"
+    return result
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("api.flickr.com/services/rest/", "http or https"),
+    ("http://127.0.0.1:9/services/ rest/", "whitespace or control characters"),
+    ("http://127.0.0.1:9/services/\trest/", "whitespace or control characters"),
+    ("https:///services/rest/", "no host"),
+])
+def test_bad_endpoint_is_refused_before_any_request_without_the_key(tmp_path, endpoint, reason):
+    result = _run_cli_with_secret_key(tmp_path, endpoint)
+    assert result.returncode == 2
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert f"--endpoint {endpoint!r}" in error and reason in error
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode, returncode, message", [
+    ("500", 3, "HTTP 500 no such page: /500/services/rest/?method=flickr.photos.geo.getLocation&api_key=<api key"),
+    ("404", 1, "HTTP 404 no such page: /404/services/rest/?method=flickr.photos.geo.getLocation&api_key=<api key"),
+    ("page", 3, "invalid JSON (Expecting value: line 1 column 1 (char 0)): b'/page/services/rest/?method="),
+    ("redirect", 1, "Redirection to url 'gopher://127.0.0.1/redirect/services/rest/?method="),
+    ("badhost", 3, "UnicodeError: encoding with 'idna' codec failed"),
+])
+def test_key_is_in_no_message_when_the_endpoint_answers_with_errors(tmp_path, echo_server, mode, returncode,
+                                                                     message):
+    result = _run_cli_with_secret_key(tmp_path, f"{echo_server.base}/{mode}/services/rest/")
+    assert result.returncode == returncode, result.stderr
+    assert message in result.stderr  # the error is still shown, only the key is not
+    assert "Traceback" not in result.stderr
+
+
+def test_key_is_in_no_message_when_the_endpoint_is_unreachable(tmp_path):
+    result = _run_cli_with_secret_key(tmp_path, f"http://127.0.0.1:{_closed_port()}/services/rest/")
+    assert result.returncode == 3 and "Connection refused" in result.stderr
+
+
+@pytest.mark.parametrize("endpoint", [
+    "https://api.flickr.com/services/rest/", "http://127.0.0.1:8080/rest", "HTTPS://API.FLICKR.COM/"])
+def test_check_endpoint_accepts_http_urls(endpoint):
+    flickr.check_endpoint(endpoint)
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("api.flickr.com/services/rest/", "http or https"), ("ftp://api.flickr.com/", "http or https"),
+    ("file:///etc/passwd", "http or https"), ("https://", "no host"), ("http://:80/", "no host"),
+    ("https://api.flickr.com/ rest/", "whitespace"), ("https://api.flickr.com/rest/\n", "whitespace"),
+    ("https://api.flickr.com/\x00", "control"), ("https://api.flickr.com:99999/", "port"),
+    ("https://api.flickr.com:http/", "port"), ("https://api.flickr.com/rest/?api_key=x", "query"),
+    ("https://api.flickr.com/rest/#x", "query"), ("https://user:pw@api.flickr.com/", "user"),
+    ("https://api.flickr.com/réseau", "ASCII"), ("", "http or https"),
+])
+def test_check_endpoint_names_what_is_wrong(endpoint, reason):
+    with pytest.raises(ValueError, match=reason):
+        flickr.check_endpoint(endpoint)
+
+
+def test_client_refuses_a_bad_endpoint_without_the_key():
+    with pytest.raises(ValueError, match="endpoint 'api.flickr.com/': the scheme must be http or https") as e:
+        flickr.FlickrClient(SECRET_KEY, rate_limiter=flickr.RateLimiter(1), stop=threading.Event(),
+                            endpoint="api.flickr.com/")
+    with pytest.raises(ValueError, match="has a query") as e:
+        flickr.FlickrClient(SECRET_KEY, rate_limiter=flickr.RateLimiter(1), stop=threading.Event(),
+                            endpoint=f"https://api.flickr.com/?api_key={SECRET_KEY}")
+    assert not any(form in str(e.value) for form in SECRET_FORMS)
+
+
+def test_redact_replaces_every_form_of_the_key():
+    key = "k+y/=&1"
+    url = flickr.location_request_url("http://h/rest/", key, "5")
+    assert key not in flickr.redact(url, key) and urllib.parse.quote_plus(key) not in flickr.redact(url, key)
+    assert flickr.redact(f"raw {key} and {urllib.parse.quote(key, safe='')}", key) == (
+        f"raw {flickr.REDACTED} and {flickr.REDACTED}")
+    assert flickr.redact(b"body " + key.encode(), key) == b"body " + flickr.REDACTED.encode()
+    assert flickr.redact("nothing to hide", key) == "nothing to hide"

@@ -11,7 +11,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import io
 import multiprocessing
 import struct
@@ -55,7 +54,7 @@ The manual dir holds ImageNet-21k images and the geotags made for them:
 class GeoImageNetConfig(tfds.core.BuilderConfig):
     """shorter_side: stored images are scaled (up or down) so their shorter side is this many pixels.
 
-    val_fraction: share of image ids that `split_of` sends to "val".
+    val_fraction: share of image ids that `geotags_format.split_of` sends to "val".
     """
 
     shorter_side: int = 256
@@ -65,16 +64,6 @@ class GeoImageNetConfig(tfds.core.BuilderConfig):
         if self.shorter_side < 1 or not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"config {self.name}: need shorter_side >= 1 and 0 < val_fraction < 1, got "
                              f"{self.shorter_side}, {self.val_fraction}")
-
-
-def split_of(image_id: str, val_fraction: float) -> str:
-    """'val' when the first 8 bytes of sha256(image_id), read big-endian, fall below val_fraction * 2**64.
-
-    A hash of the id (not Python's salted hash(), not file order) gives the same split on every machine, for every
-    subset of the data, and keeps an image in its split when more geotags arrive later.
-    """
-    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
 def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
@@ -220,7 +209,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         sources = find_synsets(root)
         groups = {"train": collections.defaultdict(list), "val": collections.defaultdict(list)}
         for tag in fmt.read_geotags(_read_text_lines(geotags_path), str(geotags_path)):
-            groups[split_of(tag.image_id, self.builder_config.val_fraction)][tag.wnid].append(tag)
+            groups[fmt.split_of(tag.image_id, self.builder_config.val_fraction)][tag.wnid].append(tag)
         wnids = sorted({wnid for by_wnid in groups.values() for wnid in by_wnid} & set(sources))
         if not wnids:
             raise ValueError(f"{root}: none of the synsets in {geotags_path.name} is in the manual dir "

@@ -12,11 +12,16 @@ for every photo behind a Flickr static URL (other URLs are counted and skipped) 
 Every answer is one line, flushed and fsync'd before the next, so a run killed at any point loses at most the
 answers still in flight. Restarted with the same arguments, it drops a torn last line and asks only for the
 photos in neither file. Photos that still fail after every retry (timeouts, HTTP 5xx, invalid JSON) are written
-nowhere, so the next run asks for them again. A lock file (OUT.lock) keeps two runs off the same output.
+nowhere, so the next run asks for them again; so are invalid answers, without a retry: a location the builder
+would refuse (the rule of geotags_format.check_location: latitude, longitude and accuracy 0..16 in range, the
+country printable text), an error code that is not an integer, JSON nested too deeply, or an answer over 64 KiB
+(of which no more is read). Each failure is logged with its reason; an invalid answer never stops the run. A lock
+file (OUT.lock) keeps two runs off the same output.
 
 Exit status: 0 every photo answered; 1 stopped (invalid API key or another answer retrying cannot fix, bad
-input, output in use); 3 finished but some photos failed after every retry (run the same command again);
-130 interrupted.
+input, output in use); 2 bad arguments (e.g. an --endpoint that is not an http(s) URL, refused before any
+request); 3 finished but some photos failed (run the same command again); 130 interrupted.
+No message, log line or file carries the API key: the client redacts it wherever a request URL may be quoted.
 """
 
 import argparse
@@ -210,7 +215,8 @@ def ask_all(
 
     At most 2 * workers tasks are in flight, so memory stays flat however long the URL list. On a FlickrError the
     run stops taking new tasks, still writes the answers that arrive, then re-raises it. Returns counts of
-    "located", "no_geotag" and "failed" (gave up after every retry: written nowhere, asked again next run).
+    "located", "no_geotag" and "failed" (gave up after every retry, or an invalid answer: written nowhere, asked
+    again next run).
     """
     counts = collections.Counter()
     fatal = None
@@ -234,7 +240,7 @@ def ask_all(
                         answer = future.result()
                     except flickr.Stopped:
                         continue
-                    except flickr.TransientError as e:
+                    except (flickr.TransientError, flickr.InvalidAnswerError) as e:
                         counts["failed"] += 1
                         log.warning("%s: %s (not recorded; the next run asks again)", task.image_id, e)
                         continue
@@ -296,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
             writer.close()
     progress(counts, final=True)
     if counts["failed"]:
-        log.error("%d photos failed after %d attempts each; run the same command again to retry them",
-                  counts["failed"], args.max_attempts)
+        log.error("%d photos failed (after %d attempts each, or at once for an invalid answer); run the same "
+                  "command again to retry them", counts["failed"], args.max_attempts)
         return 3
     return 0
 
@@ -309,7 +315,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="geotags CSV to write (appended to; OUT.missing beside it)")
     parser.add_argument("--api-key", default=os.environ.get("FLICKR_API_KEY"),
                         help="Flickr API key (default: $FLICKR_API_KEY, which keeps it out of the process list)")
-    parser.add_argument("--endpoint", default=flickr.REST_ENDPOINT, help="Flickr REST endpoint (tests use a fake)")
+    parser.add_argument("--endpoint", default=flickr.REST_ENDPOINT,
+                        help="Flickr REST endpoint: an http(s) URL without query (tests use a fake)")
     parser.add_argument("--calls-per-hour", type=float, default=DEFAULT_CALLS_PER_HOUR,
                         help=f"rate limit, retries included (Flickr allows {flickr.FLICKR_CALLS_PER_HOUR}/key)")
     parser.add_argument("--workers", type=int, default=4, help="concurrent requests")
@@ -322,6 +329,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("give --api-key or set FLICKR_API_KEY")
+    try:
+        flickr.check_endpoint(args.endpoint)
+    except ValueError as e:
+        parser.error(flickr.redact(f"--endpoint {args.endpoint!r}: {e}", args.api_key))
     if not os.path.isfile(args.urls):
         parser.error(f"--urls {args.urls}: no such file")
     if args.workers < 1 or args.max_attempts < 1 or args.calls_per_hour <= 0:
