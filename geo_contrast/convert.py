@@ -35,7 +35,6 @@ import numpy as np
 from geo_contrast import safetensors_io
 from geo_contrast import torch_checkpoint
 
-FORMAT = "torchvision ResNet state_dict without fc (conv weights OIHW, Linear weights [out, in])"  # export.py's.
 # A torchvision ResNet's modules before the classifier: the backbone's top-level names.
 BACKBONE_ROOTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 MLP_KEYS = ("fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias")  # MoCo-v2's projection head on encoder_q.
@@ -137,7 +136,7 @@ def _torchvision(state_dict, where):
 
 def convert_object(obj, source: str) -> Converted:
     """The torchvision-layout tensors and metadata of a loaded checkpoint `obj` read from the file `source`."""
-    metadata = {"format": FORMAT, "source": os.path.basename(source)}
+    metadata = {"format": safetensors_io.FORMAT, "source": os.path.basename(source)}
     if isinstance(obj, dict) and is_state_dict(obj.get("state_dict")) and any(
             k.removeprefix("module.").startswith("encoder_q.") for k in obj["state_dict"]):
         metadata["source_format"] = "moco_checkpoint"

@@ -28,9 +28,9 @@ import os
 import sys
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from geo_contrast import pixels
+from geo_contrast import safetensors_io
 from geo_contrast import torchvision_layout
 from geo_contrast import workdir as workdir_lib
 from geo_contrast.models import resnet
@@ -53,7 +53,7 @@ def export_metadata(meta: dict, step: int, *, heads: bool, geo_centroids_latlon=
     model = meta["config"]["model"]
     depth, width = int(model["depth"]), int(model["width"])
     metadata = {
-        "format": "torchvision ResNet state_dict without fc (conv weights OIHW, Linear weights [out, in])",
+        "format": safetensors_io.FORMAT,
         "architecture": f"resnet{depth}",
         "depth": str(depth),
         "width": str(width),
@@ -90,9 +90,7 @@ def export(workdir: str, out: str, *, heads: bool = False, step: int | None = No
     tensors = encoder_tensors(ckpt.state, ckpt.step, heads=heads)
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, out)
+    safetensors_io.save_safetensors(tensors, out, metadata)
     return metadata
 
 

@@ -12,6 +12,9 @@ import secrets
 import numpy as np
 from safetensors.numpy import save
 
+# The "format" metadata of every file this project writes (export.py, convert.py): what a reader needs to know.
+FORMAT = "torchvision ResNet state_dict without fc (conv weights OIHW, Linear weights [out, in])"
+
 
 def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     """Writes {name: array} and string `metadata` to `path` as safetensors, replacing any file there atomically.

@@ -6,6 +6,7 @@ numpy draws: a real init compiles a kernel per shape and would dominate the run 
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,27 @@ def test_cli_export_then_import_is_the_identity(geo_workdir, tmp_path):
         for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(loaded), strict=True):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_exported_file_follows_the_umask_like_every_other_output(geo_workdir, tmp_path, umask):
+    workdir, _ = geo_workdir
+    out = tmp_path / "encoder.safetensors"
+    previous = os.umask(umask)
+    try:
+        export.export(workdir, str(out))
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["encoder.safetensors"]  # No temporary file left behind.
+
+
+def test_a_workdir_without_checkpoints_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'out.safetensors'}"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "holds no finished pretraining checkpoint" in err
 
 
 def test_metadata_names_what_a_user_needs(geo_workdir, tmp_path):

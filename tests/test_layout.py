@@ -35,7 +35,7 @@ def test_the_probe_holds_no_data_pipeline():
     assert "import tensorflow" not in source and "tf.data" not in source
 
 
-@pytest.mark.parametrize("module", ["geo_contrast.export"])
+@pytest.mark.parametrize("module", ["geo_contrast.export", "geo_contrast.convert"])
 def test_commands_that_only_read_checkpoints_import_no_tensorflow(module):
     code = (f"import sys, runpy; sys.argv = ['{module}', '--help']\n"
             f"try:\n    runpy.run_module('{module}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
