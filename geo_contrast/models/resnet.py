@@ -8,9 +8,9 @@ that weights exchange 1:1:
 * Convolutions use torch's symmetric explicit padding (``kernel // 2`` on every side), never ``"SAME"``: for a
   stride-2 conv on an even-sized input ``"SAME"`` pads (0, 1) and would shift every feature by a pixel
   against the exported weights. The stem max-pool likewise pads 1 on every side with -inf.
-* No conv biases; BatchNorm eps 1e-5 and running-average momentum 0.9 (torch's ``momentum=0.1`` counts the
-  other way). Flax updates ``running_var`` with the biased batch variance where torch uses the unbiased one;
-  the two differ by a factor n/(n-1), immaterial at n = batch * H * W.
+* No conv biases; BatchNorm (`BatchNorm` below) as torch's: eps 1e-5, running-average momentum 0.9 (torch's
+  ``momentum=0.1`` counts the other way), normalisation with the biased batch variance and the running variance
+  updated with the unbiased one (x n/(n-1)), so exported running statistics are what torchvision would hold.
 * Init as torchvision: convs kaiming-normal (fan_out, ReLU gain, untruncated), BN scale 1 and bias 0.
 * BatchNorm has no ``axis_name``: statistics are per device, which MoCo's shuffle-BN relies on.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # depth -> (block kind, blocks per stage), as torchvision's resnet18 ... resnet152.
@@ -66,16 +67,48 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
     )
 
 
-def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    """Torch-equivalent BatchNorm; flax computes the batch statistics in at least float32 even for bf16."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d over the last axis: in training, normalise with the batch's mean and biased variance
+    and update the running statistics with the mean and the *unbiased* variance (x n / (n - 1), n the values per
+    channel); in inference, normalise with the running statistics.
+
+    Flax's own BatchNorm updates the running variance with the biased one. The running statistics are exported to
+    torchvision (and used by the frozen probe), so they follow torch. Statistics are computed in at least float32
+    (E[x^2] - E[x]^2, clipped at 0, one fused pass, as flax does) whatever the compute dtype. Variables keep
+    flax's names (``params/scale``, ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``).
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean = jnp.mean(wide, axes)
+            var = jnp.maximum(jnp.mean(jnp.square(wide), axes) - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * unbiased
+        y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return jnp.asarray(y, self.dtype)
+
+
+def _bn(train: bool, dtype: Any, name: str) -> BatchNorm:
+    """Torch-equivalent BatchNorm; the batch statistics are computed in at least float32 even for bf16."""
+    return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 class _Block(nn.Module):
