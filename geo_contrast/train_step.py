@@ -4,9 +4,11 @@
 permutation, the queue) is computed identically on all devices, so the state stays replicated without a
 broadcast. Per step, following MoCo's `forward`:
 
-1. momentum update of the key encoder from the current query encoder (parameters AND BN statistics);
+1. momentum update of the key encoder's parameters from the current query encoder's (MoCo's
+   `_momentum_update_key_encoder` runs over `parameters()` only);
 2. keys from the key encoder with *shuffle BN*: the global key batch is permuted across every BN group of
-   every device, encoded, and un-permuted, so a query and its key never share BN statistics;
+   every device, encoded, and un-permuted, so a query and its key never share BN statistics. The key encoder
+   normalises with its batch statistics and keeps running statistics of its own, as torch's BN in train mode;
 3. InfoNCE of the queries against [own key, queue] (+ the geo-cluster cross-entropy on the query's
    un-normalised projection for the geo variants), gradients averaged over devices, one SGD step;
 4. the global batch's keys enqueued FIFO.
@@ -34,7 +36,7 @@ class TrainState:
     params: Any  # {"encoder": ..., "geo_head": ... (geo variants only)}
     batch_stats: Any  # The query encoder's BN running statistics.
     key_params: Any  # EMA of params["encoder"].
-    key_batch_stats: Any  # EMA of batch_stats.
+    key_batch_stats: Any  # The key encoder's own BN running statistics (never used to normalise: kept as MoCo's).
     opt_state: Any
     queue: jax.Array  # [queue_size, dim] L2-normalised keys; row `queue_ptr` is the oldest.
     queue_ptr: jax.Array  # int32 scalar.
@@ -81,7 +83,8 @@ def apply_in_groups(apply_fn, variables, images, groups):
 
 
 def shuffle_bn_keys(apply_fn, variables, key_images, perm, groups):
-    """Encodes this device's key images with shuffle BN; returns (own keys [b, d], all keys [n, d]).
+    """Encodes this device's key images with shuffle BN; returns (own keys [b, d], all keys [n, d], the key
+    encoder's updated BN running statistics on this device).
 
     `perm` is one permutation of the global batch, the same on every device: device i encodes the global
     images perm[i*b:(i+1)*b] (its groups get consecutive chunks), and the encoded global batch is put back in
@@ -91,11 +94,11 @@ def shuffle_bn_keys(apply_fn, variables, key_images, perm, groups):
     device = lax.axis_index(AXIS)
     everyone = lax.all_gather(key_images, AXIS, tiled=True)
     mine = jnp.take(everyone, lax.dynamic_slice_in_dim(perm, device * b, b), axis=0)
-    (_, projection), _ = apply_in_groups(apply_fn, variables, mine, groups)
+    (_, projection), batch_stats = apply_in_groups(apply_fn, variables, mine, groups)
     keys = losses.l2_normalize(projection.astype(jnp.float32))
     shuffled = lax.all_gather(keys, AXIS, tiled=True)
     ordered = jnp.zeros_like(shuffled).at[perm].set(shuffled)
-    return lax.dynamic_slice_in_dim(ordered, device * b, b), ordered
+    return lax.dynamic_slice_in_dim(ordered, device * b, b), ordered, batch_stats
 
 
 def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
@@ -109,10 +112,9 @@ def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
     num_global = b * lax.psum(1, AXIS)
 
     key_params = ema_update(state.key_params, state.params["encoder"], cfg.momentum)
-    key_batch_stats = ema_update(state.key_batch_stats, state.batch_stats, cfg.momentum)
     perm = jax.random.permutation(jax.random.fold_in(state.rng, state.step), num_global)
-    k, all_keys = shuffle_bn_keys(
-        encoder.apply, {"params": key_params, "batch_stats": key_batch_stats}, key, perm, cfg.bn_groups
+    k, all_keys, key_batch_stats = shuffle_bn_keys(
+        encoder.apply, {"params": key_params, "batch_stats": state.key_batch_stats}, key, perm, cfg.bn_groups
     )
     k = lax.stop_gradient(k)
 
@@ -147,7 +149,7 @@ def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
         params=params,
         batch_stats=lax.pmean(batch_stats, AXIS),
         key_params=key_params,
-        key_batch_stats=key_batch_stats,
+        key_batch_stats=lax.pmean(key_batch_stats, AXIS),
         opt_state=opt_state,
         queue=queue,
         queue_ptr=queue_ptr,

@@ -51,7 +51,8 @@ def test_shuffle_bn_keys_unshuffles_to_the_original_order(groups):
     perm = jax.random.permutation(jax.random.PRNGKey(3), 8)
 
     def run(x):
-        return ts.shuffle_bn_keys(_identity_encoder, None, x, perm, groups)
+        own, everyone, _ = ts.shuffle_bn_keys(_identity_encoder, None, x, perm, groups)
+        return own, everyone
 
     own, everyone = jax.pmap(run, axis_name=ts.AXIS)(images)
     flat = images[0].reshape(8, -1)
