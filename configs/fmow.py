@@ -4,12 +4,21 @@ r"""Pretraining (MoCo-v2, +TP, +Geo, +Geo+TP) and linear evaluation on fMoW-rgb.
     python -m geo_contrast.main --config=configs/fmow.py:variant=tp --workdir=DIR       # MoCo-v2+TP
     python -m geo_contrast.main --config=configs/fmow.py:sample --workdir=DIR           # bundled sample, CPU
 
-Arguments (after the colon, comma separated): `variant=moco|tp|geo|geo_tp` (default geo_tp) and `sample`.
-Every field can be overridden: `--config.moco.temperature=0.2` (MoCo-v2's value; the authors' released
-commands use 0.02, our default).
+Arguments (after the colon, comma separated): `variant=moco|tp|geo|geo_tp` (default geo_tp), `recipe=released|
+square` (default released) and `sample`. Every field can be overridden: `--config.moco.temperature=0.2`
+(MoCo-v2's value; the authors' released commands use 0.02, our default). Give the variant in the path, not as
+`--config.variant`: the variant also picks its crops.
 Hyperparameters follow ../shared/reference/paper.md: ResNet-50, 2048-2048-128 projection, queue 65536,
 momentum 0.999, SGD lr 0.03 x batch/256, momentum 0.9, weight decay 1e-4, cosine schedule, 200 epochs,
 global batch 256, 224 px, 100 geo clusters; linear probe as the released main_lincls.py.
+
+Crops (`recipe=released`, each variant's row of Table 1 as the released scripts cut it, from the whole image the
+authors' loader opens, fmow_dataloader.py:36): the temporal variants (tp, geo_tp) take the centre square and a
+RandomResizedCrop with torchvision's default scale (0.08, 1) (main_moco_tp.py:288-290, main_moco_geo+tp.py:
+311-313: Resize(448), CenterCrop(448), RandomResizedCrop(224)); the others a RandomResizedCrop of scale (0.2, 1)
+of the whole image (main_moco_tp.py:265-266, main_moco_geo+tp.py:288-289: Resize(448), RandomResizedCrop(224,
+scale=(0.2, 1))). `recipe=square`: MoCo-v2's RandomResizedCrop(scale 0.2-1) of a square around the labelled box
+(twice its longer side) for every variant, and the probe on that square too.
 """
 
 import ml_collections
@@ -18,7 +27,7 @@ from geo_contrast import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, variant="geo_tp", sample=False)
+    arg = config_lib.parse_arg(arg, variant="geo_tp", recipe="released", sample=False)
     config_lib.uses_geo_loss(arg.variant)  # Refuses an unknown variant with the list of known ones.
     c = ml_collections.ConfigDict()
     c.variant = arg.variant
@@ -29,7 +38,7 @@ def get_config(arg=None):
     c.init_from = ""
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "fmow/rgb_256"
+    c.dataset.name = "fmow"
     c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS's default.
     # True for `sample`: generate the fMoW-format sample and build it into WORKDIR/data when missing.
     c.dataset.generate_sample = False
@@ -40,8 +49,11 @@ def get_config(arg=None):
     c.input = ml_collections.ConfigDict()
     c.input.global_batch = 256
     c.input.image_size = 224
+    # The crop of each view: a RandomResizedCrop of `crop_scale` of the image's `region` (augment.REGIONS);
+    # set from the variant and the recipe below.
+    c.input.region = "whole"
     c.input.crop_scale = (0.2, 1.0)
-    c.input.shuffle_buffer = 16_384  # Images (encoded), per host.
+    c.input.box_context = 2.0  # "box_square": the square's side over the labelled box's longer side.
     c.input.prefetch_batches = 2
 
     c.model = ml_collections.ConfigDict()
@@ -82,14 +94,33 @@ def get_config(arg=None):
     c.linear_eval.weight_decay = 0.0
     c.linear_eval.schedule = "step"  # "step" (x0.1 at the epochs below) or "cosine".
     c.linear_eval.decay_epochs = (60, 80)
+    # main_lincls.py's views (Scale(224) + RandomCrop / CenterCrop(224)) of the image's `region`: on the whole,
+    # non-square image the random crop's place along the longer side is the probe's only augmentation.
+    c.linear_eval.region = "whole"
+    c.linear_eval.box_context = 2.0
     c.linear_eval.image_size = 224
     c.linear_eval.resize_size = 224
     c.linear_eval.cache_features = False
     c.linear_eval.compare_random = False  # Also probe the random-init encoder, the floor (results.md: margin).
 
+    _set_crops(c, arg.recipe)
     if arg.sample:
         _scale_to_sample(c)
     return c
+
+
+def _set_crops(c, recipe):
+    """Each variant's crops under `recipe` (see the module docstring)."""
+    if recipe == "released":
+        temporal = config_lib.uses_temporal_positives(c.variant)
+        c.input.region = "center_square" if temporal else "whole"
+        c.input.crop_scale = (0.08, 1.0) if temporal else (0.2, 1.0)
+    elif recipe == "square":
+        c.input.region = c.linear_eval.region = "box_square"
+        c.input.crop_scale = (0.2, 1.0)
+    else:
+        raise config_lib.ConfigError(f"recipe={recipe!r} is not a recipe; choose 'released' or 'square' "
+                                     "(configs/fmow.py:recipe=...).")
 
 
 def _scale_to_sample(c):
@@ -99,14 +130,14 @@ def _scale_to_sample(c):
     65,536 keys (or any queue of a sizeable share of the images) would hold many keys of the query's own
     location, hard false negatives at temperature 0.02: a 128-key queue and MoCo-v2's temperature 0.2 instead.
     A run of a few hundred steps needs a key encoder that follows faster (momentum 0.99) and a larger learning
-    rate; crops of at least half the image keep the object in view at 64 px.
+    rate; crops of at least half the whole image keep the object in view at 64 px. Every variant cuts the same
+    crops, so the sample compares the losses, not the crops.
     """
-    c.dataset.name = "fmow/rgb_64"
     c.dataset.generate_sample = True
     c.input.global_batch = 64
     c.input.image_size = 64
+    c.input.region = c.linear_eval.region = "whole"
     c.input.crop_scale = (0.5, 1.0)
-    c.input.shuffle_buffer = 2_048
     c.model.depth = 18
     c.model.width = 16
     c.moco.queue_size = 128

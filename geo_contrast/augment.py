@@ -158,23 +158,101 @@ def random_resized_crop_window(seed, height, width, scale=(0.2, 1.0), ratio=(3 /
     return tf.cast(tf.stack([offset_y, offset_x, crop_h, crop_w]), tf.int32)
 
 
-def decode_random_resized_crop(jpeg_bytes, seed, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Decodes a random crop of a JPEG and resizes it to `size` x `size` (torchvision RandomResizedCrop).
+# --------------------------------------------------------------------------------------------------------------------
+# Regions: the part of a stored image a view is cut from
 
-    Only the crop window is decoded (`tf.image.decode_and_crop_jpeg`), which for large satellite images is much
-    cheaper than decoding the whole image and then cropping. The window comes from `random_resized_crop_window`
-    on the header-only shape (`tf.image.extract_jpeg_shape`). The resize is bilinear with antialiasing, matching
-    PIL's bilinear resize that torchvision applies to PIL images when downscaling.
+
+# "whole": the whole image, as the released non-temporal path crops it (Resize(448), then RandomResizedCrop);
+# "center_square": its centre square, as the released temporal path (Resize(448), CenterCrop(448), then RRC);
+# "box_square": a square around the labelled box (side = box_context x the box's longer side), MoCo-v2's recipe
+# on object-centred crops. The first two are scale-free (a crop's area fraction and aspect ratio do not change
+# when the image is resized first), so the stored image's resolution stands in for the released Resize(448).
+REGIONS = ("whole", "center_square", "box_square")
+
+
+def region_window(region, height, width, box=None, box_context=2.0):
+    """The region of an image of `height` x `width` as int32 [4] (top, left, region height, region width).
+
+    `box`: the labelled box as (ymin, xmin, ymax, xmax) fractions of the image, for "box_square". Its square
+    follows the rule the fMoW builder used to crop at build time: side = round(box_context * the box's longer
+    side), at least 1 and at most the image's longer side; centred on the box (its centre clamped into the image);
+    along an axis where the image is at least that long, shifted to lie inside it; along a shorter axis, centred
+    on the image, the overhang (negative top/left) read as zero padding (`decode_window`).
+    """
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    if region == "whole":
+        return tf.stack([0, 0, height, width])
+    if region == "center_square":
+        side = tf.minimum(height, width)
+        # torchvision CenterCrop: int(round((extent - side) / 2)), half to even.
+        top = tf.cast(tf.round(tf.cast(height - side, tf.float64) / 2), tf.int32)
+        left = tf.cast(tf.round(tf.cast(width - side, tf.float64) / 2), tf.int32)
+        return tf.stack([top, left, side, side])
+    box = tf.cast(box, tf.float64)
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    box_h, box_w = (box[2] - box[0]) * h, (box[3] - box[1]) * w
+    side = tf.round(box_context * tf.maximum(tf.maximum(box_h, box_w), 1.0))
+    side = tf.clip_by_value(side, 1.0, tf.maximum(h, w))
+
+    def place(centre, extent):
+        inside = tf.clip_by_value(tf.round(centre - side / 2), 0.0, extent - side)
+        return tf.where(side <= extent, inside, -tf.math.floordiv(side - extent, 2.0))
+
+    top = place(tf.clip_by_value((box[0] + box[2]) / 2 * h, 0.0, h), h)
+    left = place(tf.clip_by_value((box[1] + box[3]) / 2 * w, 0.0, w), w)
+    return tf.cast(tf.stack([top, left, side, side]), tf.int32)
+
+
+def decode_window(jpeg_bytes, window, image_shape, may_overhang=True):
+    """Decodes `window` (top, left, height, width) of a JPEG as float32 [0, 1]; the part of the window outside
+    the image ([height, width] `image_shape`) is zero (black) padding. Only the window's pixels inside the image
+    are decoded (`tf.image.decode_and_crop_jpeg`): for large images much cheaper than decoding them whole.
+    `may_overhang=False` (a window known to lie inside the image) skips the padding's ops."""
+    if not may_overhang:
+        return tf.image.convert_image_dtype(tf.image.decode_and_crop_jpeg(jpeg_bytes, window, channels=3),
+                                            tf.float32)
+    top, left, height, width = tf.unstack(window)
+    inner_top, inner_left = tf.maximum(top, 0), tf.maximum(left, 0)
+    inner_bottom = tf.minimum(top + height, image_shape[0])
+    inner_right = tf.minimum(left + width, image_shape[1])
+    inner = tf.stack([inner_top, inner_left, inner_bottom - inner_top, inner_right - inner_left])
+    pixels = tf.image.convert_image_dtype(tf.image.decode_and_crop_jpeg(jpeg_bytes, inner, channels=3), tf.float32)
+    padding = [[inner_top - top, top + height - inner_bottom], [inner_left - left, left + width - inner_right],
+               [0, 0]]
+    return tf.pad(pixels, padding)
+
+
+def decode_region(jpeg_bytes, region, box=None, box_context=2.0):
+    """The `region` of an encoded JPEG (see `region_window`), decoded as float32 [H, W, 3] in [0, 1]."""
+    shape = tf.image.extract_jpeg_shape(jpeg_bytes)
+    return decode_window(jpeg_bytes, region_window(region, shape[0], shape[1], box, box_context), shape,
+                         may_overhang=region == "box_square")
+
+
+def decode_random_resized_crop(jpeg_bytes, seed, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), *, region="whole",
+                               box=None, box_context=2.0):
+    """Decodes a random crop of a region of a JPEG and resizes it to `size` x `size` (torchvision
+    RandomResizedCrop applied to the region: `region_window`).
+
+    Only the crop window is decoded (`decode_window`), which for large satellite images is much cheaper than
+    decoding the whole image and then cropping. The window comes from `random_resized_crop_window` on the
+    region's size, from the header-only shape (`tf.image.extract_jpeg_shape`). The resize is bilinear with
+    antialiasing, matching PIL's bilinear resize that torchvision applies to PIL images when downscaling.
 
     Returns:
       float32 [size, size, 3] in [0, 1].
     """
     seed = _check_seed(seed, "decode_random_resized_crop")
     shape = tf.image.extract_jpeg_shape(jpeg_bytes)
-    window = random_resized_crop_window(seed, shape[0], shape[1], scale, ratio)
-    crop = tf.image.decode_and_crop_jpeg(jpeg_bytes, window, channels=3)
-    crop = tf.image.convert_image_dtype(crop, tf.float32)
-    return resize_bilinear(crop, size, shrinks=tf.reduce_max(window[2:]) > size)
+    top, left, height, width = tf.unstack(region_window(region, shape[0], shape[1], box, box_context))
+    crop_top, crop_left, crop_height, crop_width = tf.unstack(
+        random_resized_crop_window(seed, height, width, scale, ratio))
+    window = tf.stack([top + crop_top, left + crop_left, crop_height, crop_width])
+    crop = decode_window(jpeg_bytes, window, shape, may_overhang=region == "box_square")
+    return resize_bilinear(crop, size, shrinks=tf.maximum(crop_height, crop_width) > size)
 
 
 def resize_bilinear(image, size, shrinks):
@@ -436,8 +514,9 @@ def _apply_to_uint8(image, params, max_blur_sigma, blur_reference_size):
     return tf.cast(tf.round(image * 255.0), tf.uint8)
 
 
-def moco_v2_view(jpeg_bytes, seed, size, scale=(0.2, 1.0)):
-    """One MoCo-v2 view of an encoded JPEG: random resized crop, then the augmentations.
+def moco_v2_view(jpeg_bytes, seed, size, scale=(0.2, 1.0), *, region="whole", box=None, box_context=2.0):
+    """One MoCo-v2 view of an encoded JPEG: random resized crop of the `region` (see `region_window`), then the
+    augmentations.
 
     The crop and the augmentations get independent sub-seeds of `seed`; two views of the same image need two
     different seeds.
@@ -447,7 +526,8 @@ def moco_v2_view(jpeg_bytes, seed, size, scale=(0.2, 1.0)):
     """
     seed = _check_seed(seed, "moco_v2_view")
     crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    crop = decode_random_resized_crop(jpeg_bytes, crop_seed, size, scale)
+    crop = decode_random_resized_crop(jpeg_bytes, crop_seed, size, scale, region=region, box=box,
+                                      box_context=box_context)
     return moco_v2_augment(crop, augment_seed)
 
 

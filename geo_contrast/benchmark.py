@@ -86,7 +86,7 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
     config_lib.validate(config, num_devices=n, num_local_devices=jax.local_device_count(), stages=("pretrain",))
     size, per_device = config.input.image_size, config.input.global_batch // n
     dtype = train_setup.compute_dtype(config.model.compute_dtype)
-    model = train_setup.build_model(config, 10 * (steps + warmup), dtype)
+    model = train_setup.build_model(config, steps + warmup, dtype)
     p_step = train_setup.pmapped_step(config, model, donate=donate)  # What pretraining runs, stop vote included.
     state = devices.replicate(train_setup.initial_state(config, model))
     rng = np.random.default_rng(0)
@@ -127,16 +127,16 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
 def bench_input(config, steps, warmup, workdir):
     """pairs/s of this host's tf.data pretraining stream, no model."""
     from geo_contrast import input_pipeline  # TensorFlow: imported only by the targets that time it.
+    from geo_contrast import records
     from geo_contrast import sample_dataset
     workdir = workdir or tempfile.mkdtemp(prefix="bench_input_")
     sample_dataset.prepare_if_sample(config, workdir)
-    builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
-    index = input_pipeline.read_location_index(builder, config.dataset.train_split)
+    builder = records.load_builder(config.dataset.name, config.dataset.data_dir)
+    index = records.read_location_index(builder, config.dataset.train_split)
     ds = input_pipeline.pretrain_dataset(
-        builder, config.dataset.train_split, temporal=config_lib.uses_temporal_positives(config.variant),
-        image_size=config.input.image_size, crop_scale=tuple(config.input.crop_scale),
-        global_batch=config.input.global_batch, host=input_pipeline.HostSlice.of_this_process(), seed=config.seed,
-        start_step=0, images_per_epoch=int(index.num_images.sum()), shuffle_buffer=config.input.shuffle_buffer)
+        builder, config.dataset.train_split, index, temporal=config_lib.uses_temporal_positives(config.variant),
+        views=input_pipeline.Views.of_config(config), global_batch=config.input.global_batch,
+        host=input_pipeline.HostSlice.of_this_process(), seed=config.seed, start_step=0)
     it = ds.as_numpy_iterator()
     for _ in range(warmup):
         next(it)
@@ -146,30 +146,33 @@ def bench_input(config, steps, warmup, workdir):
     seconds = time.perf_counter() - t0
     pairs = steps * batch["query"].shape[0] * batch["query"].shape[1]
     # Decoding cost grows with the JPEGs' size: the figure is comparable only between datasets of similar size.
-    sizes = [len(jpeg) for ex in input_pipeline.encoded_locations(builder, config.dataset.train_split)
+    sizes = [len(jpeg) for ex in records.locations_in_order(builder, config.dataset.train_split)
              .take(256).as_numpy_iterator() for jpeg in ex["images"]]
     return {"what": "input", "pairs_per_s": pairs / seconds, "cpus": os.cpu_count(),
-            "mean_jpeg_kb": float(np.mean(sizes)) / 1e3, **_common(config, "host")}
+            "mean_jpeg_kb": float(np.mean(sizes)) / 1e3, "region": config.input.region,
+            "crop_scale": list(config.input.crop_scale), **_common(config, "host")}
 
 
 def bench_build(manual_dir):
-    """images/s of the fMoW builder (config rgb_256) over a generated sample or a given tree."""
+    """images/s of the fMoW builder over a generated sample or a given tree, and the bytes it stores."""
     import tensorflow_datasets as tfds  # TensorFlow: imported only by the targets that time it.
-    from geo_contrast import input_pipeline
-    from tfds_builders.fmow import sample as sample_data
+    from geo_contrast import records
     from tfds_builders.fmow import fmow_dataset_builder
+    from tfds_builders.fmow import sample as sample_data
     root = tempfile.mkdtemp(prefix="bench_build_")
     if manual_dir is None:
         manual_dir = os.path.join(root, "sample")
         sample_data.generate(manual_dir)
-    builder = fmow_dataset_builder.Builder(config="rgb_256", data_dir=os.path.join(root, "data"))
+    builder = fmow_dataset_builder.Builder(data_dir=os.path.join(root, "data"))
     t0 = time.perf_counter()
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     seconds = time.perf_counter() - t0
     images = sum(int(n) for split in builder.info.splits
-                 for n in input_pipeline.read_location_index(builder, split).num_images)
+                 for n in records.read_location_index(builder, split).num_images)
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(builder.data_dir) for f in files)
     return {"what": "build", "images_per_s": images / seconds, "images": images, "seconds": seconds,
-            "cpus": os.cpu_count(), "config": "rgb_256"}
+            "stored_mb": stored / 1e6, "stored_kb_per_image": stored / 1e3 / images, "cpus": os.cpu_count(),
+            "dataset": builder.info.full_name}
 
 
 def _common(config, device_kind):

@@ -60,6 +60,8 @@ def _variant(variant):
 
 
 STAGES = ("pretrain", "linear_eval")
+# augment.REGIONS, repeated here so that validating a config needs no TensorFlow (a test keeps the two equal).
+REGIONS = ("whole", "center_square", "box_square")
 LINEAR_EVAL_SCHEDULES = ("step", "cosine")
 
 
@@ -94,7 +96,7 @@ def validate(config, *, num_devices, num_local_devices, stages=None):
 
 def _validate_pretrain(config, num_devices):
     if not config.dataset.name:
-        raise ConfigError("config.dataset.name is empty; use a built TFDS dataset such as fmow/rgb_256.")
+        raise ConfigError("config.dataset.name is empty; use a built TFDS dataset such as fmow.")
     batch = config.input.global_batch
     if batch <= 0 or batch % num_devices:
         raise ConfigError(
@@ -139,6 +141,7 @@ def _validate_pretrain(config, num_devices):
         raise ConfigError(
             f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy 0 < min <= max <= 1."
         )
+    _validate_region("config.input", config.input)
     if config.input.prefetch_batches < 1:
         raise ConfigError(
             f"config.input.prefetch_batches={config.input.prefetch_batches} must be >= 1 (batches copied to the "
@@ -165,6 +168,15 @@ def _validate_linear_eval(lc, num_local_devices):
                           f"({lc.resize_size}).")
     if not lc.init:
         raise ConfigError("config.linear_eval.init is empty; use 'pretrained', 'random' or a checkpoint path.")
+    _validate_region("config.linear_eval", lc)
+
+
+def _validate_region(name, section):
+    if section.region not in REGIONS:
+        raise ConfigError(f"{name}.region={section.region!r}; choose one of {list(REGIONS)}.")
+    if not section.box_context > 0:
+        raise ConfigError(f"{name}.box_context={section.box_context} must be > 0 (2.0: the square is twice the "
+                          "labelled box's longer side).")
 
 
 def validate_against_data(config, *, num_images, num_distinct_locations):

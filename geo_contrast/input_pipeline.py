@@ -1,23 +1,25 @@
-"""tf.data pipelines over the built TFDS datasets: temporal MoCo pairs for pretraining, and one element per
-image under the evaluation views (the linear probe).
+"""tf.data pipelines over the built datasets: temporal MoCo pairs for pretraining, and one element per image
+under the evaluation views (the linear probe).
 
 Design (why it looks like this):
-- The stored examples are *locations* (a time series of JPEGs). An epoch runs over *images*, as in the
-  paper: each location expands into one element per image (the query), paired with a key image chosen by
-  `sample_key_index`. Images stay encoded until the pair is chosen, so only the two JPEGs a pair uses are
-  ever decoded, and RandomResizedCrop decodes only its window (`augment.decode_random_resized_crop`).
-- One global stream, whatever the number of processes. Every process builds the same stream of *encoded*
-  pairs over the whole split and cuts it into global batches; row r of a global batch goes to global device
-  r // per_device_batch, and pmap numbers devices process by process, so each process keeps only the rows of
-  its own devices (a contiguous block, `HostSlice`) and decodes and augments only those. The global batches,
-  and therefore the losses, are the same on 1 process x 4 devices as on 2 processes x 2 devices. Reading
-  every record on every host costs I/O of the encoded split per host and epoch (a few GB for fMoW-rgb);
-  decoding, the expensive part, is divided among the hosts.
-- Everything random is a pure function of (seed, epoch, position): the per-epoch shuffles are seeded with the
-  epoch, the key choice with the location's index in the epoch, the augmentations with the element's index in
-  the global stream. A run restarted at step s rebuilds the same stream and skips to element
-  s * global_batch of it (at most one epoch is re-read, never decoded), so a resumed run sees the batches an
-  uninterrupted run would have seen.
+- An epoch runs over *images*, as in the paper and the released code (a DataLoader over the image list): each
+  epoch's order is a uniformly random permutation of the split's images (`epoch_order`), drawn from (seed,
+  epoch). The stored examples are *locations* (a time series of JPEGs), read by index (records.py, ArrayRecord):
+  the query image's location is read, and its key image is chosen among the location's images by
+  `sample_key_index`. Images stay encoded until the pair is chosen, so only the two JPEGs a pair uses are ever
+  decoded, and the random crop decodes only its window (`augment.decode_random_resized_crop`).
+  A location's images are therefore spread over the whole epoch, as in the released code; a stream that read
+  locations in (even shuffled) sequence and shuffled their images in a buffer kept siblings close together,
+  where the queue held them as false negatives of the query's own place.
+- One global stream, whatever the number of processes. Position g of the stream is image order[g mod N] of
+  epoch g div N; row r of a global batch goes to global device r // per_device_batch, and pmap numbers devices
+  process by process, so each process keeps only the positions of its own devices' rows (a contiguous block of
+  every batch, `HostSlice`) and reads, decodes and augments only those. The global batches, and therefore the
+  losses, are the same on 1 process x 4 devices as on 2 processes x 2 devices.
+- Everything random is a pure function of (seed, position): the epoch's permutation of (seed, epoch), the key
+  choice and the augmentations of the position g. A run restarted at step s computes the stream from position
+  s * global_batch on, so a resumed run sees the batches an uninterrupted run would have seen; the index arrays
+  (a permutation and a location per image) are the only per-epoch state, O(images) integers.
 """
 
 import dataclasses
@@ -26,12 +28,13 @@ import os
 import jax
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from geo_contrast import augment
 from geo_contrast import geo_clusters
+from geo_contrast import records
 
-_MAX_INT = np.iinfo(np.int64).max
+# Stream positions handled per call of the reading generator (its Python cost is per call, not per image).
+_CHUNK = 256
 
 
 def hide_accelerators_from_tf():
@@ -40,87 +43,30 @@ def hide_accelerators_from_tf():
     tf.config.set_visible_devices([], "TPU")
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The configured dataset is not built where the config points; the message says how to build it."""
-
-
-def load_builder(name, data_dir):
-    """The prepared TFDS builder `name`, or an error that says the exact command that prepares it."""
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-        dataset, _, config = name.partition("/")
-        where = f" --data_dir={data_dir}" if data_dir else ""
-        cfg = f" --config={config}" if config else ""
-        raise DatasetNotFoundError(
-            f"The dataset {name!r} (config.dataset.name) is not built in {builder.data_dir!r} "
-            f"(config.dataset.data_dir). Build it first:\n"
-            f"  tfds build tfds_builders/{dataset} --manual_dir=PATH_TO_RELEASE{cfg}{where}\n"
-            f"(see tfds_builders/{dataset}/README.md for the download), or point --config.dataset.data_dir at "
-            "the directory that holds it."
-        )
-    return builder
-
-
 @dataclasses.dataclass(frozen=True)
-class LocationIndex:
-    """Per-location facts read once from a split: where each location is and how many images it has."""
+class Views:
+    """How a pretraining view is cut: a RandomResizedCrop of `size` px from `scale` of the image's `region`
+    (augment.REGIONS; `box_context` sizes the "box_square"), then MoCo-v2's augmentations."""
 
-    coordinates: np.ndarray  # [L, 2] float32, (lat, lon) degrees.
-    num_images: np.ndarray  # [L] int64.
+    size: int
+    scale: tuple
+    region: str = "whole"
+    box_context: float = 2.0
 
-    @property
-    def num_distinct_locations(self):
-        """Distinct places: the most geo clusters k-means can form from this split."""
-        return len(np.unique(self.coordinates, axis=0))
+    @classmethod
+    def of_config(cls, config):
+        i = config.input
+        return cls(i.image_size, tuple(i.crop_scale), i.region, i.box_context)
 
-    @property
-    def image_coordinates(self):
-        """One row per image: the paper clusters the training *images'* coordinates."""
-        return np.repeat(self.coordinates, self.num_images, axis=0)
-
-
-def is_time_series(builder):
-    """fMoW-style datasets store a location's time series ("images"); single-image datasets (GeoImageNet) one
-    "image" per example, which this module reads as a location with one image."""
-    return "images" in builder.info.features
+    def __call__(self, jpeg, box, seed):
+        return augment.moco_v2_view(jpeg, seed, self.size, self.scale, region=self.region, box=box,
+                                    box_context=self.box_context)
 
 
-def encoded_locations(builder, split, read_config=None):
-    """`split` in stored order as {"images": [T] encoded JPEGs, "coordinates", "label"}, for either schema."""
-    key = "images" if is_time_series(builder) else "image"
-    ds = builder.as_dataset(
-        split=split, shuffle_files=False, decoders={key: tfds.decode.SkipDecoding()}, read_config=read_config
-    )
-    as_series = (lambda images: images) if key == "images" else (lambda image: image[None])
-    return ds.map(
-        lambda ex: {"images": as_series(ex[key]), "coordinates": ex["coordinates"], "label": ex["label"]}
-    )
-
-
-def read_location_index(builder, split):
-    """Reads coordinates and image counts of every location in `split`, without decoding any image."""
-    if is_time_series(builder):
-        ds = builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            decoders=tfds.decode.PartialDecoding({"coordinates": True, "timestamps": True}),
-        )
-        ds = ds.map(
-            lambda ex: (ex["coordinates"], tf.size(ex["timestamps"], out_type=tf.int64)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    else:
-        ds = builder.as_dataset(
-            split=split, shuffle_files=False, decoders=tfds.decode.PartialDecoding({"coordinates": True})
-        )
-        ds = ds.map(lambda ex: (ex["coordinates"], tf.constant(1, tf.int64)))
-    coords, counts = [], []
-    for c, n in ds.batch(4096).as_numpy_iterator():
-        coords.append(c)
-        counts.append(n)
-    if not coords:
-        raise ValueError(f"Split {split!r} of {builder.info.full_name} has no locations.")
-    return LocationIndex(np.concatenate(coords).astype(np.float32), np.concatenate(counts))
+def epoch_order(seed, epoch, num_images):
+    """The order of the images in epoch `epoch`: a uniformly random permutation of 0..num_images-1, a pure
+    function of (seed, epoch), the same on every host."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
 def sample_key_index(query_index, num_images, seed, temporal):
@@ -133,29 +79,6 @@ def sample_key_index(query_index, num_images, seed, temporal):
         return query_index
     offset = tf.random.stateless_uniform([], seed, minval=1, maxval=tf.maximum(num_images, 2), dtype=tf.int64)
     return tf.where(num_images > 1, (query_index + offset) % num_images, query_index)
-
-
-def _pairs_of_epoch(locations, epoch, *, seed, temporal, shuffle_buffer):
-    """One epoch of (query JPEG, key JPEG, coordinates), shuffled over images, as a function of `epoch`."""
-    epoch_seed = seed * 1_000_003 + epoch
-
-    def expand(location_index, ex):
-        images = ex["images"]
-        n = tf.shape(images, out_type=tf.int64)[0]
-        loc_seed = tf.random.experimental.stateless_fold_in(tf.stack([epoch_seed, 0]), location_index)
-
-        def pair(t):
-            key_t = sample_key_index(t, n, tf.random.experimental.stateless_fold_in(loc_seed, t), temporal)
-            return {"query": images[t], "key": images[key_t], "coordinates": ex["coordinates"]}
-
-        return tf.data.Dataset.range(n).map(pair)
-
-    return (
-        locations.shuffle(max(shuffle_buffer // 8, 1), seed=epoch_seed)
-        .enumerate()
-        .flat_map(expand)
-        .shuffle(shuffle_buffer, seed=epoch_seed + 1)
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,56 +97,80 @@ class HostSlice:
     def of_this_process(cls):
         return cls(jax.process_index(), jax.process_count(), jax.local_device_count())
 
+    def owns(self, positions, global_batch):
+        """Which stream positions fall in this process's rows of their global batch."""
+        rows = global_batch // self.process_count
+        return (positions % global_batch) // rows == self.process_index
 
-def pretrain_dataset(
-    builder,
-    split,
-    *,
-    temporal,
-    image_size,
-    crop_scale,
-    global_batch,
-    host,
-    seed,
-    start_step,
-    images_per_epoch,
-    shuffle_buffer,
-):
+
+def _image_locations(index):
+    """(location of each image, each image's index among its location's images), images numbered as
+    `records.LocationIndex.first_image` numbers them."""
+    location_of = np.repeat(np.arange(len(index.num_images)), index.num_images)
+    return location_of, np.arange(len(location_of)) - index.first_image[location_of]
+
+
+def stream_positions(index, *, seed, global_batch, host, start):
+    """This host's positions of the global stream from `start` on, in chunks: {"position": [n] global stream
+    positions, "location": [n] the image's location (index in the split), "time": [n] the image's index among
+    its location's images}. Reads nothing: a pure function of the location index and the seed."""
+    location_of, time_of = _image_locations(index)
+    num_images = len(location_of)
+    epoch, offset = divmod(start, num_images)
+    while True:
+        order = epoch_order(seed, epoch, num_images)
+        for first in range(offset, num_images, _CHUNK):
+            images = order[first:first + _CHUNK]
+            positions = epoch * num_images + np.arange(first, first + len(images), dtype=np.int64)
+            mine = host.owns(positions, global_batch)
+            images = images[mine]
+            yield {"position": positions[mine], "location": location_of[images], "time": time_of[images]}
+        epoch, offset = epoch + 1, 0
+
+
+def _read_locations(builder, split, chunks):
+    """The chunks of stream positions ({"position", "location", "time"} arrays) as a tf.data stream of single
+    elements, each with its location's serialized record ("serialized", read by index: records.SplitRecords)."""
+    split_records = records.SplitRecords(builder, split)
+
+    def with_records():
+        for chunk in chunks:
+            yield {**chunk, "serialized": split_records.read(chunk["location"])}
+
+    signature = {"position": tf.TensorSpec([None], tf.int64), "location": tf.TensorSpec([None], tf.int64),
+                 "time": tf.TensorSpec([None], tf.int64), "serialized": tf.TensorSpec([None], tf.string)}
+    return tf.data.Dataset.from_generator(with_records, output_signature=signature).unbatch()
+
+
+def pretrain_dataset(builder, split, index, *, temporal, views, global_batch, host, seed, start_step):
     """Infinite batches {"query","key": [local devices, per_device, S, S, 3] uint8, "coordinates"} of `host`'s
     rows of the global batches (see the module docstring), starting at global step `start_step`. The pixels are
     standardised on the accelerator (`pixels.standardize`): uint8 is a quarter of float32's bytes to copy.
 
-    `images_per_epoch` is the split's image count (`read_location_index(...).num_images.sum()`): the stream
-    position start_step * global_batch is reached by starting at the right epoch and skipping (not decoding)
-    the rest of it.
+    `index` is the split's `records.read_location_index`; `views` (a `Views`) cuts the query and key crops.
     """
     rows = global_batch // host.process_count  # Whole: config_lib.validate checks the device count divides it.
     per_device = rows // host.local_devices
-    position = start_step * global_batch
-    first_epoch, skip = divmod(position, images_per_epoch)
-    locations = encoded_locations(builder, split, tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None))
+    parse = records.LocationParser(builder)
+    stream = _read_locations(builder, split, stream_positions(
+        index, seed=seed, global_batch=global_batch, host=host, start=start_step * global_batch))
 
-    stream = tf.data.Dataset.range(first_epoch, _MAX_INT).flat_map(
-        lambda e: _pairs_of_epoch(locations, e, seed=seed, temporal=temporal, shuffle_buffer=shuffle_buffer)
-    )
-    stream = stream.skip(skip).enumerate(start=position)  # (index in the global stream, encoded pair).
-    stream = stream.filter(lambda index, ex: (index % global_batch) // rows == host.process_index)
-
-    def views(index, ex):
-        seeds = tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), index), 2
-        )
-        return {
-            "query": augment.moco_v2_view(ex["query"], seeds[0], image_size, scale=crop_scale),
-            "key": augment.moco_v2_view(ex["key"], seeds[1], image_size, scale=crop_scale),
-            "coordinates": ex["coordinates"],
-        }
+    def pair(element):
+        location = parse(element["serialized"])
+        query_seed, key_seed, choice_seed = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), element["position"]), 3))
+        num_images = tf.shape(location["images"], out_type=tf.int64)[0]
+        t = element["time"]
+        key_t = sample_key_index(t, num_images, choice_seed, temporal)
+        return {"query": views(location["images"][t], location["boxes"][t], query_seed),
+                "key": views(location["images"][key_t], location["boxes"][key_t], key_seed),
+                "coordinates": location["coordinates"]}
 
     options = tf.data.Options()
     options.deterministic = True
     options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
     options.autotune.ram_budget = 4 * 1024**3
-    stream = stream.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    stream = stream.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     stream = stream.batch(rows, drop_remainder=True)
     stream = stream.map(
         lambda b: {k: tf.reshape(x, [host.local_devices, per_device] + x.shape[1:].as_list()) for k, x in b.items()}
@@ -246,20 +193,23 @@ def with_geo_labels(batches, centroids):
 # Evaluation views: one element per image (the stored examples are locations)
 
 
-def split_images(builder, split):
-    """One element per image of `split`: {"image": encoded JPEG, "label", "location": the location's index}.
+def split_images(builder, split, region="whole", box_context=2.0):
+    """One element per image of `split`: {"image": its `region` decoded (float32 [0, 1], augment.decode_region),
+    "label", "location": the location's index}. Locations are read in the split's stored order, so the index is
+    stable across reads."""
 
-    Locations are read in the split's stored order, so the index is stable across reads.
-    """
-    locations = encoded_locations(builder, split)
+    def expand(index, location):
+        n = tf.shape(location["images"])[0]
+        return tf.data.Dataset.from_tensor_slices({
+            "jpeg": location["images"], "box": location["boxes"], "label": tf.fill([n], location["label"]),
+            "location": tf.fill([n], index)})
 
-    def expand(index, example):
-        images = example["images"]
-        n = tf.shape(images)[0]
-        return tf.data.Dataset.from_tensor_slices(
-            {"image": images, "label": tf.fill([n], example["label"]), "location": tf.fill([n], index)})
+    def decode(ex):
+        return {"image": augment.decode_region(ex["jpeg"], region, ex["box"], box_context), "label": ex["label"],
+                "location": ex["location"]}
 
-    return locations.enumerate().flat_map(expand)
+    images = records.locations_in_order(builder, split).enumerate().flat_map(expand)
+    return images.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def pad_batch(batch, size):
@@ -282,28 +232,38 @@ def _padded_batches(dataset, batch_size):
         yield pad_batch(batch, batch_size)
 
 
-def eval_batches(builder, split, *, image_size, resize_size, batch_size):
-    """Padded batches {"image", "label", "location", "weight"} of `split` under the eval transform
-    (augment.eval_view: resize the shorter side, centre crop)."""
-    dataset = split_images(builder, split).map(
+def eval_batches(builder, split, *, image_size, resize_size, batch_size, region="whole", box_context=2.0):
+    """Padded batches {"image", "label", "location", "weight"} of `split` under the eval transform of the
+    `region` (augment.eval_view: resize the shorter side, centre crop)."""
+    dataset = split_images(builder, split, region, box_context).map(
         lambda ex: {**ex, "image": augment.eval_view(ex["image"], image_size, resize_size)},
         num_parallel_calls=tf.data.AUTOTUNE)
     return _padded_batches(dataset, batch_size)
 
 
-def lincls_train_batches(builder, split, *, image_size, resize_size, batch_size, seed, epoch, shuffle_buffer):
-    """One epoch of padded batches {"inputs": augmented images, "label", "weight"} of `split`, shuffled, under
-    main_lincls.py's training view (augment.train_view_lincls: resize the shorter side, random crop).
+def lincls_train_batches(builder, split, index, *, image_size, resize_size, batch_size, seed, epoch,
+                         region="whole", box_context=2.0):
+    """One epoch of padded batches {"inputs": augmented images, "label", "weight"} of `split` (whose
+    `records.read_location_index` is `index`) in the epoch's random order (`epoch_order`), under main_lincls.py's
+    training view of the `region` (augment.train_view_lincls: resize the shorter side, random crop; on a
+    non-square image the crop's place along the longer side is the augmentation). Order and crops are functions
+    of (seed, epoch, position), so a rerun sees the same epochs."""
+    location_of, time_of = _image_locations(index)
+    images = epoch_order(seed, epoch, len(location_of))
+    positions = np.arange(len(images), dtype=np.int64)
+    chunks = ({"position": positions[i:i + _CHUNK], "location": location_of[images[i:i + _CHUNK]],
+               "time": time_of[images[i:i + _CHUNK]]} for i in range(0, len(images), _CHUNK))
+    parse = records.LocationParser(builder)
 
-    Shuffle order and crops are functions of (seed, epoch, position), so a rerun sees the same epochs.
-    """
-    epoch_seed = seed * 1_000_003 + epoch
+    def view(element):
+        location = parse(element["serialized"])
+        t = element["time"]
+        image = augment.decode_region(location["images"][t], region, location["boxes"][t], box_context)
+        crop_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, epoch], tf.int64),
+                                                             element["position"])
+        return {"inputs": augment.train_view_lincls(image, crop_seed, image_size, resize_size),
+                "label": location["label"]}
 
-    def view(index, ex):
-        crop_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, epoch], tf.int64), index)
-        return {"inputs": augment.train_view_lincls(ex["image"], crop_seed, image_size, resize_size),
-                "label": ex["label"]}
-
-    dataset = (split_images(builder, split).shuffle(shuffle_buffer, seed=epoch_seed).enumerate()
-               .map(view, num_parallel_calls=tf.data.AUTOTUNE))
-    return _padded_batches(dataset, batch_size)
+    stream = _read_locations(builder, split, chunks).map(view, num_parallel_calls=tf.data.AUTOTUNE,
+                                                         deterministic=True)
+    return _padded_batches(stream, batch_size)

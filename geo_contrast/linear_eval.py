@@ -44,6 +44,7 @@ from geo_contrast import config_lib
 from geo_contrast import devices
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
+from geo_contrast import records
 from geo_contrast import results
 
 
@@ -78,7 +79,8 @@ def extract_split(module, variables, builder, split, lc):
 
     pending = None
     batches = input_pipeline.eval_batches(builder, split, image_size=lc.image_size, resize_size=lc.resize_size,
-                                          batch_size=lc.global_batch)
+                                          batch_size=lc.global_batch, region=lc.region,
+                                          box_context=lc.box_context)
     for batch in batches:
         out = _p_features(module, variables, devices.split_rows(batch["image"], jax.local_device_count()))
         if pending is not None:  # Fetch the previous batch while this one computes.
@@ -96,7 +98,7 @@ def extract_split(module, variables, builder, split, lc):
 
 def feature_batches(features, labels, batch_size, *, seed, epoch):
     """One epoch of padded batches {"inputs": features, "label", "weight"} in a (seed, epoch) permutation."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(labels))
+    order = input_pipeline.epoch_order(seed, epoch, len(labels))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         yield input_pipeline.pad_batch({"inputs": features[rows], "label": labels[rows]}, batch_size)
@@ -199,7 +201,7 @@ def train_classifier(state, epoch_batches, val, class_names, *, lc, head, backbo
 def evaluate(config, workdir):
     """Runs the linear evaluation `config.linear_eval` describes; returns the results entry it writes."""
     lc = config.linear_eval
-    builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
+    builder = records.load_builder(config.dataset.name, config.dataset.data_dir)
     label_feature = builder.info.features["label"]
     class_names = tuple(label_feature.names)
     backbone = backbones.load(config, workdir, lc.init)
@@ -216,9 +218,10 @@ def evaluate(config, workdir):
     else:
         step_backbone = backbone.module
         epoch_batches = functools.partial(
-            input_pipeline.lincls_train_batches, builder, config.dataset.train_split, image_size=lc.image_size,
-            resize_size=lc.resize_size, batch_size=lc.global_batch, seed=config.seed,
-            shuffle_buffer=config.input.shuffle_buffer)
+            input_pipeline.lincls_train_batches, builder, config.dataset.train_split,
+            records.read_location_index(builder, config.dataset.train_split), image_size=lc.image_size,
+            resize_size=lc.resize_size, batch_size=lc.global_batch, seed=config.seed, region=lc.region,
+            box_context=lc.box_context)
     head = classification.head(label_feature.num_classes)
     state = init_probe_state(backbone.variables, head, backbone.module.feature_dim, seed=config.seed,
                              momentum=lc.momentum, weight_decay=lc.weight_decay)

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
+from geo_contrast import records
 from geo_contrast import results
 from geo_contrast import workdir as workdir_lib
 
@@ -219,8 +220,8 @@ def write_cluster_map(plots_dir: str, workdir: str, config) -> str | None:
             logging.info("No geo cluster map: no config given and no checkpoint to take it from (%s).", e)
             return None
     centroids, _ = workdir_lib.read_clusters(workdir)
-    builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
-    index = input_pipeline.read_location_index(builder, config.dataset.train_split)
+    builder = records.load_builder(config.dataset.name, config.dataset.data_dir)
+    index = records.read_location_index(builder, config.dataset.train_split)
     fig = cluster_map_figure(index.coordinates, centroids, index.num_images)
     return save(fig, os.path.join(plots_dir, CLUSTERS_PNG))
 

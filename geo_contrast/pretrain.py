@@ -38,6 +38,7 @@ from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
 from geo_contrast import preemption
+from geo_contrast import records
 from geo_contrast import train_setup
 from geo_contrast import workdir as workdir_lib
 
@@ -84,8 +85,8 @@ def pretrain(config, workdir):
 
 def _pretrain(config, workdir, stop):
     # Checks: the data against the (validated) config, the workdir; all before any model exists.
-    builder = input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
-    train_index = input_pipeline.read_location_index(builder, config.dataset.train_split)
+    builder = records.load_builder(config.dataset.name, config.dataset.data_dir)
+    train_index = records.read_location_index(builder, config.dataset.train_split)
     total_images = int(train_index.num_images.sum())
     config_lib.validate_against_data(config, num_images=total_images,
                                      num_distinct_locations=train_index.num_distinct_locations)
@@ -97,7 +98,7 @@ def _pretrain(config, workdir, stop):
     centroids = fit_or_load_clusters(config, workdir, train_index) if use_geo else None
 
     # State: the latest checkpoint's, or the initial one.
-    model = train_setup.build_model(config, total_steps, train_setup.compute_dtype(config.model.compute_dtype))
+    model = train_setup.build_model(config, steps_per_epoch, train_setup.compute_dtype(config.model.compute_dtype))
     start_step = mngr.latest_step()
     if start_step is None:
         start_step, state = 0, train_setup.initial_state(config, model)
@@ -112,10 +113,9 @@ def _pretrain(config, workdir, stop):
     # Data: this process's block of every global batch, from the start step on.
     host = input_pipeline.HostSlice.of_this_process()
     data = input_pipeline.pretrain_dataset(
-        builder, config.dataset.train_split, temporal=config_lib.uses_temporal_positives(config.variant),
-        image_size=config.input.image_size, crop_scale=tuple(config.input.crop_scale), global_batch=global_batch,
-        host=host, seed=config.seed, start_step=start_step, images_per_epoch=total_images,
-        shuffle_buffer=config.input.shuffle_buffer)
+        builder, config.dataset.train_split, train_index,
+        temporal=config_lib.uses_temporal_positives(config.variant), views=input_pipeline.Views.of_config(config),
+        global_batch=global_batch, host=host, seed=config.seed, start_step=start_step)
     batches = devices.shard(input_pipeline.with_geo_labels(data.as_numpy_iterator(), centroids),
                             config.input.prefetch_batches)
 

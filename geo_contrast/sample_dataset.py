@@ -2,7 +2,7 @@
 
 So `python -m geo_contrast.main --config=configs/fmow.py:sample --workdir=DIR` needs no download and no separate
 `tfds build`: the dataset's generated tree is written to DIR/sample_<dataset> and built (the config's builder
-config, e.g. fmow "rgb_64") into DIR/data, the same code path as `tfds build`.
+config, if it names one) into DIR/data, the same code path as `tfds build`.
 """
 
 import os

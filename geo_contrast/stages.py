@@ -15,16 +15,16 @@ from jax.experimental import multihost_utils
 
 from geo_contrast import checkpointing
 from geo_contrast import config_lib
-from geo_contrast import input_pipeline
 from geo_contrast import linear_eval
 from geo_contrast import plots
 from geo_contrast import pretrain
+from geo_contrast import records
 from geo_contrast import sample_dataset
 from geo_contrast import workdir as workdir_lib
 
 # Problems a user can fix (a bad config value, a dataset that is not built, an unusable workdir or checkpoint, a
 # failed checkpoint write, a diverged loss): main.py prints their message on one line and exits 1.
-USER_ERRORS = (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, workdir_lib.WorkdirError,
+USER_ERRORS = (config_lib.ConfigError, records.DatasetNotFoundError, workdir_lib.WorkdirError,
                checkpointing.CheckpointError, pretrain.NonFiniteLossError)
 
 

@@ -33,10 +33,18 @@ def build_encoder(model_config, dtype=jnp.float32):
                         embed_dim=model_config.projection_dim)
 
 
-def learning_rate_schedule(config, total_steps):
-    """SGD lr 0.03 x global_batch / 256 with a cosine decay to 0 over the run (MoCo-v2)."""
+def learning_rate_schedule(config, steps_per_epoch):
+    """SGD lr 0.03 x global_batch / 256 with the released code's cosine decay: set once per epoch, lr = peak x
+    (1 + cos(pi x epoch / epochs)) / 2 (adjust_learning_rate, main_moco_geo+tp.py:508-516, called at the start
+    of each epoch), so it is constant within an epoch and never quite reaches 0."""
     peak = config_lib.scaled_lr(config.optim.base_lr, config.input.global_batch)
-    return optax.cosine_decay_schedule(peak, decay_steps=max(total_steps, 1))
+    epochs = config.optim.num_epochs
+
+    def schedule(step):
+        epoch = step // max(steps_per_epoch, 1)
+        return peak * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+
+    return schedule
 
 
 def optimizer(config, lr_fn):
@@ -55,11 +63,11 @@ class Model:
     tx: optax.GradientTransformation
 
 
-def build_model(config, total_steps, dtype=jnp.float32):
-    """Encoder, geo head, lr schedule and optimizer for `config`; `total_steps` only shapes the schedule."""
+def build_model(config, steps_per_epoch, dtype=jnp.float32):
+    """Encoder, geo head, lr schedule and optimizer for `config`; `steps_per_epoch` only shapes the schedule."""
     geo_head = moco.GeoHead(config.geo.num_clusters, dtype=dtype) if config_lib.uses_geo_loss(config.variant) \
         else None
-    lr_fn = learning_rate_schedule(config, total_steps)
+    lr_fn = learning_rate_schedule(config, steps_per_epoch)
     return Model(build_encoder(config.model, dtype), geo_head, lr_fn, optimizer(config, lr_fn))
 
 
@@ -110,7 +118,7 @@ def initial_state(config, model=None):
     of random-number kernels, run once in milliseconds, which XLA's CPU optimiser takes ~10x longer to compile
     (about 20 s against 2 s for a ResNet-18 on two cores).
     """
-    model = model or build_model(config, total_steps=1)
+    model = model or build_model(config, steps_per_epoch=1)
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return jax.device_get(jax.jit(_init_fn(config, model)).lower().compile(compiler_options=options)())
 

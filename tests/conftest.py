@@ -9,9 +9,9 @@ from tfds_builders.fmow import fmow_dataset_builder
 
 @pytest.fixture(scope="session")
 def tiny_fmow(tmp_path_factory):
-    """(data_dir, manual_dir) of a built `fmow/rgb_64` with 12 train, 6 val and 4 test locations."""
+    """(data_dir, manual_dir) of a built `fmow` with 12 train, 6 val and 4 test locations."""
     root = tmp_path_factory.mktemp("tiny_fmow")
     sample_data.generate(root / "raw", locations_per_split={"train": 12, "val": 6, "test": 4}, seed=0)
-    builder = fmow_dataset_builder.Builder(config="rgb_64", data_dir=str(root / "data"))
+    builder = fmow_dataset_builder.Builder(data_dir=str(root / "data"))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
     return str(root / "data"), str(root / "raw")

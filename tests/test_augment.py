@@ -429,6 +429,66 @@ def test_decode_and_crop_equals_full_decode_then_crop_and_pil_resize(size, grey_
     assert enlarged == 0 if size == 40 else enlarged >= 6  # both paths are exercised
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# regions: the part of the stored image a view is cut from
+
+
+def _box(x, y, w, h, width, height):
+    """A pixel box (x, y, w, h) as the builder stores it: (ymin, xmin, ymax, xmax) fractions of the image."""
+    return [y / height, x / width, (y + h) / height, (x + w) / width]
+
+
+# (box x, y, w, h; image width, height; context) -> (left, top, side), worked out by hand from the rule the fMoW
+# builder cropped with before it stored whole images (and the README states).
+@pytest.mark.parametrize("box,width,height,context,expected", [
+    ((40, 50, 20, 10), 200, 100, 2.0, (30, 35, 40)),     # Fits: centred on (50, 55).
+    ((2, 90, 10, 8), 200, 100, 3.0, (0, 70, 30)),        # At a corner: shifted inside.
+    ((10, 10, 60, 20), 200, 50, 2.0, (0, -35, 120)),     # Taller than the image: centred, padded.
+    ((0, 0, 90, 90), 100, 60, 2.0, (0, -20, 100)),       # Capped at the image's longer side.
+    ((5, 5, 0, 0), 100, 100, 2.0, (4, 4, 2)),            # Degenerate box: still >= 1 px (here 2).
+])
+def test_box_square_follows_the_documented_rule(box, width, height, context, expected):
+    window = augment.region_window("box_square", height, width, tf.constant(_box(*box, width, height)), context)
+    left, top, side = expected
+    assert window.numpy().tolist() == [top, left, side, side]
+
+
+@pytest.mark.parametrize("height,width,expected", [(60, 100, [0, 20, 60, 60]), (101, 40, [30, 0, 40, 40]),
+                                                   (50, 50, [0, 0, 50, 50]), (61, 60, [0, 0, 60, 60])])
+def test_centre_square_is_torchvisions_center_crop(height, width, expected):
+    # torchvision: top = int(round((h - side) / 2)), half to even: (61 - 60) / 2 = 0.5 -> 0.
+    assert augment.region_window("center_square", height, width).numpy().tolist() == expected
+    assert augment.region_window("whole", height, width).numpy().tolist() == [0, 0, height, width]
+
+
+def test_decode_window_pads_what_lies_outside_the_image_with_black():
+    image = smooth_uint8_image(30, 40)
+    decoded = tf.io.decode_jpeg(jpeg_bytes(image)).numpy() / 255.0
+    window = tf.constant([-5, 10, 40, 20])  # 5 rows above the image, 5 below it.
+    out = augment.decode_window(jpeg_bytes(image), window, tf.constant([30, 40])).numpy()
+    assert out.shape == (40, 20, 3)
+    np.testing.assert_array_equal(out[:5], 0.0)
+    np.testing.assert_array_equal(out[35:], 0.0)
+    # The decoder's block edges differ by a grey level or two between a cropped and a whole decode.
+    np.testing.assert_allclose(out[5:35], decoded[:, 10:30], atol=3 / 255)
+    region = augment.decode_region(jpeg_bytes(image), "box_square", tf.constant(_box(15, 10, 10, 10, 40, 30)))
+    np.testing.assert_allclose(region.numpy(), decoded[5:25, 10:30], atol=3 / 255)  # Inside: no padding.
+
+
+def test_random_crop_of_a_region_lies_inside_it():
+    """A crop of the centre square of a wide image never reaches its left or right margins."""
+    image = np.zeros((40, 100, 3), np.uint8)
+    image[:, 30:70] = 255  # The centre square is white, the margins black.
+    encoded = jpeg_bytes(image)
+    reached_margins = 0
+    for seed in seeds(20, salt=7):
+        centre = augment.decode_random_resized_crop(encoded, seed, 16, (0.08, 1.0), region="center_square").numpy()
+        assert centre.min() > 0.9, "a crop of the centre square took pixels of the margins"
+        whole = augment.decode_random_resized_crop(encoded, seed, 16, (0.08, 1.0), region="whole").numpy()
+        reached_margins += whole.min() < 0.5
+    assert reached_margins >= 5  # The same seeds on the whole image do reach them.
+
+
 def test_resize_without_antialiasing_only_where_it_changes_nothing():
     """`resize_bilinear` skips antialiasing on enlargements; TF's antialiased kernel must equal the plain one there,
     and differ (blur) where a side shrinks, so the shrink test is the one that matters."""

@@ -4,10 +4,11 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from configs import fmow
 from geo_contrast import config_lib
-from geo_contrast import input_pipeline
+from geo_contrast import records
 from geo_contrast import pretrain
 from geo_contrast import stages
 from geo_contrast import train_setup
@@ -67,8 +68,8 @@ def no_model(monkeypatch):
 
 
 def _distinct_train_locations(data_dir):
-    builder = input_pipeline.load_builder("fmow/rgb_64", data_dir)
-    coordinates = [ex["coordinates"] for ex in builder.as_dataset(split="train").as_numpy_iterator()]
+    source = records.load_builder("fmow", data_dir).as_data_source("train")
+    coordinates = [source[i]["coordinates"] for i in range(len(source))]
     return len(np.unique(np.stack(coordinates), axis=0))
 
 
@@ -95,9 +96,30 @@ def test_more_clusters_than_distinct_locations_is_refused_before_the_model(tiny_
 def test_a_missing_dataset_says_how_to_build_it(tmp_path, no_model):
     empty = tmp_path / "no_data"
     config = _config(**{"dataset.data_dir": str(empty)})
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match=re.escape(
-            f"tfds build tfds_builders/fmow --manual_dir=PATH_TO_RELEASE --config=rgb_64 --data_dir={empty}")):
+    with pytest.raises(records.DatasetNotFoundError, match=re.escape(
+            f"tfds build tfds_builders/fmow --manual_dir=PATH_TO_RELEASE --data_dir={empty}")):
         pretrain.pretrain(config, str(tmp_path / "workdir"))
+
+
+def test_a_dataset_built_as_tfrecord_says_how_to_rebuild_it(tiny_fmow, tmp_path, no_model):
+    from tfds_builders.fmow import fmow_dataset_builder
+    builder = fmow_dataset_builder.Builder(data_dir=str(tmp_path / "data"), file_format="tfrecord")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=tiny_fmow[1]))
+    config = _config(**{"dataset.data_dir": str(tmp_path / "data")})
+    with pytest.raises(records.DatasetNotFoundError, match=re.escape(
+            "is stored as tfrecord; training reads ArrayRecord files by index (each epoch a random permutation "
+            "of the images). Rebuild it")) as error:
+        pretrain.pretrain(config, str(tmp_path / "workdir"))
+    assert str(error.value).endswith("--file_format=array_record")
+
+
+def test_the_regions_known_to_validation_are_the_augmentations():
+    from geo_contrast import augment
+    assert config_lib.REGIONS == augment.REGIONS
+    with pytest.raises(config_lib.ConfigError, match="config.input.region='square'; choose one of"):
+        config_lib.validate(_config(**{"input.region": "square"}), num_devices=1, num_local_devices=1)
+    with pytest.raises(config_lib.ConfigError, match="config.linear_eval.region='centre'"):
+        config_lib.validate(_config(**{"linear_eval.region": "centre"}), num_devices=1, num_local_devices=1)
 
 
 def test_stages_validate_before_touching_the_workdir(tmp_path):

@@ -130,7 +130,8 @@ def test_reads_the_authors_checkpoint_whole(name, resnet):
 def test_both_formats_agree_and_state_dicts_keep_their_order():
     zip_format, legacy = (torch_checkpoint.load(fixture(n)) for n in MOCO_FILES)
     assert list(zip_format["state_dict"]) == list(legacy["state_dict"])
-    assert list(zip_format["state_dict"])[:3] == ["module.queue", "module.queue_ptr", "module.encoder_q.conv1.weight"]
+    assert list(zip_format["state_dict"])[:3] == ["module.queue", "module.queue_ptr",
+                                                   "module.encoder_q.conv1.weight"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,7 +294,8 @@ def test_torchvision_state_dicts_keep_the_backbone(name, dropped, resnet, tmp_pa
 def test_the_converted_file_loads_into_the_flax_resnet(resnet, tmp_path):
     abstract, _ = resnet
     out, _, _ = converted("moco_geo.pth.tar", tmp_path)
-    params, batch_stats = torchvision_layout.load_torchvision_resnet(out, abstract["params"], abstract["batch_stats"])
+    params, batch_stats = torchvision_layout.load_torchvision_resnet(out, abstract["params"],
+                                                                     abstract["batch_stats"])
     assert jax.tree.map(np.shape, (params, batch_stats)) == jax.tree.map(lambda s: s.shape, (
         abstract["params"], abstract["batch_stats"]))
     kernel = value("module.encoder_q.layer2.0.conv2.weight", (4, 4, 3, 3))

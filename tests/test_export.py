@@ -138,7 +138,7 @@ def geo_workdir(tmp_path_factory):
     config.input.image_size = 32
     encoder = train_setup.build_encoder(config.model)
     geo_head = moco.GeoHead(config.geo.num_clusters)
-    tx = train_setup.optimizer(config, train_setup.learning_rate_schedule(config, 1))
+    tx = train_setup.optimizer(config, train_setup.learning_rate_schedule(config, steps_per_epoch=1))
     state = fill(jax.eval_shape(lambda: train_setup.init_state(config, encoder, geo_head, tx, 32, 0)), seed=1)
     state = state.replace(step=np.int32(12))
     mngr = checkpointing.manager(workdir_lib.checkpoints_dir(workdir), keep=2)

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -19,6 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfds_builders.fmow import sample as sample_data
@@ -34,15 +36,26 @@ S3_URI = "s3://spacenet-dataset/Hosted-Datasets/fmow/fmow-rgb/"
 # Helpers: builds and independent expectations.
 
 
-def _build(manual_dir, data_dir, config="rgb_64"):
-    builder = fmow_dataset_builder.Builder(config=config, data_dir=str(data_dir))
+def _build(manual_dir, data_dir):
+    builder = fmow_dataset_builder.Builder(data_dir=str(data_dir))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     return builder
 
 
 def _examples(builder, split):
-    """{location_id: example} of a built split, as numpy."""
-    return {ex["location_id"].decode(): ex for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+    """{location_id: example} of a built split, decoded (images as arrays), read by index as training reads."""
+    source = builder.as_data_source(split)
+    return {source[i]["location_id"].decode(): source[i] for i in range(len(source))}
+
+
+def _stored_jpegs(builder, split):
+    """{location_id: [the stored JPEG bytes, in the example's order]} of a built split."""
+    source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    stored = {}
+    for i in range(len(source)):
+        features = tf.train.Example.FromString(source[i]).features.feature
+        stored[features["location_id"].bytes_list.value[0].decode()] = list(features["images"].bytes_list.value)
+    return stored
 
 
 def _pairs_on_disk(location_dir):
@@ -107,9 +120,10 @@ def test_one_example_per_location_with_every_image(clean):
         assert len(examples) == summary[split]["locations"]
         assert sum(len(ex["images"]) for ex in examples.values()) == summary[split]["images"]
         for location_id, ex in examples.items():
-            stems = sorted(s.decode() for s in ex["metadata"]["image_stem"])
-            assert stems == _pairs_on_disk(on_disk[location_id])
-            assert ex["images"].shape == (len(stems), 64, 64, 3)
+            stems = [s.decode() for s in ex["metadata"]["image_stem"]]
+            assert sorted(stems) == _pairs_on_disk(on_disk[location_id])
+            sizes = [Image.open(on_disk[location_id] / f"{stem}.jpg").size for stem in stems]
+            assert [image.shape for image in ex["images"]] == [(h, w, 3) for w, h in sizes]  # Whole, as on disk.
             assert len(ex["timestamps"]) == len(stems)
 
 
@@ -142,26 +156,38 @@ def test_labels_are_the_folder_classes(clean):
         assert names[ex["label"]] == location_id.split("/")[1]
 
 
-def test_stored_image_is_the_crop_around_the_box(clean):
-    """The first train location's first image against a crop computed here from the documented rule."""
+def test_small_images_are_stored_byte_for_byte_with_their_box(clean):
+    """Images whose shorter side is at most 448 px are the release's own JPEG bytes (no re-encoding), and the
+    labelled box is stored as (ymin, xmin, ymax, xmax) fractions of the image."""
     root, _, builder = clean
-    location_id, ex = sorted(_examples(builder, "train").items())[0]
-    stem = ex["metadata"]["image_stem"][0].decode()
-    record = json.loads((root / location_id / f"{stem}.json").read_text())
-    source = Image.open(root / location_id / f"{stem}.jpg").convert("RGB")
-    x, y, w, h = record["bounding_boxes"][0]["box"]
-    side = min(round(2.0 * max(w, h)), max(source.size))
-    corner = []
-    for centre, extent in ((x + w / 2, source.size[0]), (y + h / 2, source.size[1])):
-        corner.append(min(max(round(centre - side / 2), 0), extent - side) if side <= extent
-                      else -((side - extent) // 2))
-    expected = np.asarray(source.crop((corner[0], corner[1], corner[0] + side, corner[1] + side))
-                          .resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32)
-    assert np.abs(ex["images"][0].astype(np.float32) - expected).mean() < 6.0
-    # A window one box-width off would differ far more:
-    shifted = np.asarray(source.crop((corner[0] + w, corner[1], corner[0] + w + side, corner[1] + side))
-                         .resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32)
-    assert np.abs(ex["images"][0].astype(np.float32) - shifted).mean() > 12.0
+    stored = _stored_jpegs(builder, "train")
+    for location_id, ex in _examples(builder, "train").items():
+        stems = [s.decode() for s in ex["metadata"]["image_stem"]]
+        assert stored[location_id] == [(root / location_id / f"{stem}.jpg").read_bytes() for stem in stems]
+        for stem, box in zip(stems, ex["metadata"]["box"], strict=True):
+            record = json.loads((root / location_id / f"{stem}.json").read_text())
+            x, y, w, h = record["bounding_boxes"][0]["box"]
+            width, height = record["img_width"], record["img_height"]
+            np.testing.assert_allclose(box, [y / height, x / width, (y + h) / height, (x + w) / width], atol=1e-6)
+
+
+def test_a_large_image_is_stored_as_torchvisions_resize_448_makes_it():
+    yy, xx = np.mgrid[0:1200, 0:1700]
+    pixels = np.stack([xx * 255 // 1700, yy * 255 // 1200, (xx + yy) * 255 // 2900], -1).astype(np.uint8)
+    pixels[500:800, 700:1000] = (250, 250, 40)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    jpeg, original = fmow_reader.fit_to_jpeg(buffer.getvalue(), 448)
+    got = np.asarray(Image.open(io.BytesIO(jpeg)), np.float32)
+    assert original == (1700, 1200)
+    assert got.shape == (448, int(448 * 1700 / 1200), 3)  # torchvision's Resize(448): the long side truncated.
+    expected = np.asarray(Image.fromarray(pixels).resize((634, 448), Image.Resampling.BILINEAR), np.float32)
+    assert np.abs(got - expected).mean() < 3.0
+    # A landscape image resized the other way round would not even have this shape; a grey one is converted.
+    grey = io.BytesIO()
+    Image.fromarray(pixels[:300, :200, 0]).save(grey, format="JPEG")
+    jpeg, original = fmow_reader.fit_to_jpeg(grey.getvalue(), 448)
+    assert original == (200, 300) and Image.open(io.BytesIO(jpeg)).mode == "RGB"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,7 +204,7 @@ def _location_with_images(root, split, at_least, exclude=()):
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory):
     root = tmp_path_factory.mktemp("messy") / "fmow-rgb"
-    sample_data.generate(root, seed=5, locations_per_split={"train": 8, "val": 2}, image_size_range=(48, 64))
+    sample_data.generate(root, seed=5, locations_per_split={"train": 11, "val": 2}, image_size_range=(48, 64))
     used = []
 
     def pick(at_least=2):
@@ -212,6 +238,18 @@ def messy(tmp_path_factory):
     bad["dropped"] = d
     bad["only_image"] = d / f"{_pairs_on_disk(d)[0]}.jpg"
     bad["only_image"].write_bytes(b"not a jpeg at all")
+    # Footprints off the globe (a NaN vertex, a latitude of 95) and a box wholly outside its image.
+    for key, edit in (("nan_location", lambda r: r.update(raw_location=r["raw_location"].replace(
+                          r["raw_location"].split("((")[1].split(" ")[0], "nan", 1))),
+                      ("far_location", lambda r: r.update(raw_location="POLYGON ((10 95, 10.01 95, 10.01 95.01, "
+                                                                        "10 95.01, 10 95))")),
+                      ("box_outside",
+                       lambda r: r["bounding_boxes"][0].update(box=[r["img_width"] + 5, 0, 10, 10]))):
+        d = pick()
+        bad[key] = d / f"{_pairs_on_disk(d)[0]}.json"
+        record = json.loads(bad[key].read_text())
+        edit(record)
+        bad[key].write_text(json.dumps(record))
     # Harmless: extra keys, a decoy box first, _min/_max_dbl variants, _msrgb companions, a stray file.
     d = pick()
     odd = d / f"{_pairs_on_disk(d)[0]}.json"
@@ -240,10 +278,12 @@ def test_messy_release_skips_and_counts_bad_files(messy, tmp_path, caplog):
     expected_ids = set(_locations_on_disk(root, "train")) - {dropped_id, "train/false_detection/false_detection_0"}
     assert set(examples) == expected_ids
     skipped_stems = {bad[k].name[:-len(bad[k].suffix)] for k in
-                     ("truncated", "no_location", "bad_time", "lone_json", "lone_image")}
+                     ("truncated", "no_location", "bad_time", "lone_json", "lone_image", "nan_location",
+                      "far_location", "box_outside")}
     for location_id, ex in examples.items():
         expected = sorted(set(_pairs_on_disk(root / location_id)) - skipped_stems)
         assert sorted(s.decode() for s in ex["metadata"]["image_stem"]) == expected
+        assert np.all(np.isfinite(ex["coordinates"])) and abs(ex["coordinates"][0]) <= 90
 
     odd_id = f"train/{bad['odd'].parent.parent.name}/{bad['odd'].parent.name}"
     odd = examples[odd_id]
@@ -251,13 +291,15 @@ def test_messy_release_skips_and_counts_bad_files(messy, tmp_path, caplog):
     assert odd["metadata"]["off_nadir_angle_dbl"][index] == pytest.approx(bad["odd_angle"], abs=1e-3)
 
     messages = [r.getMessage() for r in caplog.records]
-    summary = [m for m in messages if "fmow/rgb_64 train: wrote" in m]
+    summary = [m for m in messages if "fmow train: wrote" in m]
     assert len(summary) == 1
     assert (f"wrote {len(expected_ids)} locations" in summary[0]
-            and "skipped images: image_without_json=1, invalid_field=1, json_without_image=1, missing_field=1, "
-                "unreadable_image=2; dropped locations: 1" in summary[0]), summary[0]
+            and "skipped images: box_outside_image=1, image_without_json=1, invalid_field=1, invalid_location=2, "
+                "json_without_image=1, missing_field=1, unreadable_image=2; dropped locations: 1" in summary[0]), \
+        summary[0]
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    for key in ("truncated", "no_location", "bad_time", "lone_json", "lone_image", "only_image"):
+    for key in ("truncated", "no_location", "bad_time", "lone_json", "lone_image", "only_image", "nan_location",
+                "far_location", "box_outside"):
         assert str(bad[key]) in warnings, key
     assert dropped_id in warnings
 
@@ -269,44 +311,6 @@ def test_split_with_no_usable_location_is_an_error(tmp_path):
         image.write_bytes(b"")
     with pytest.raises(ValueError, match=r"val: no usable location in .*val"):
         _build(root, tmp_path / "data")
-
-
-def test_msrgb_files_replace_rgb_when_asked(tmp_path):
-    root = tmp_path / "fmow-rgb"
-    sample_data.generate(root, seed=2, locations_per_split={"train": 1}, image_size_range=(48, 56))
-    location_dir = next((root / "train").glob("*/*"))
-    rgb_stems = _pairs_on_disk(location_dir)
-    for stem in rgb_stems:  # msrgb companions: one day later, and plain red.
-        record = json.loads((location_dir / f"{stem}.json").read_text())
-        record["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                            time.gmtime(_unix_seconds(record["timestamp"]) + 86400))
-        ms_stem = stem[:-len("_rgb")] + "_msrgb"
-        (location_dir / f"{ms_stem}.json").write_text(json.dumps(record))
-        Image.new("RGB", Image.open(location_dir / f"{stem}.jpg").size, (200, 30, 30)).save(
-            location_dir / f"{ms_stem}.jpg", quality=95)
-    location = fmow_reader.Location("train/x/x_0", location_dir.parent.name, location_dir)
-    rgb = fmow_reader.read_location(location, image_size=32, use_msrgb=False, context_factor=2.0).example
-    ms = fmow_reader.read_location(location, image_size=32, use_msrgb=True, context_factor=2.0).example
-    assert [m["image_stem"][:-len("_msrgb")] for m in ms["metadata"]] == \
-           [m["image_stem"][:-len("_rgb")] for m in rgb["metadata"]]
-    assert list(ms["timestamps"] - rgb["timestamps"]) == [86400] * len(rgb_stems)
-    centres = [np.asarray(Image.open(io.BytesIO(jpeg)), np.float32)[16, 16] for jpeg in ms["images"]]
-    np.testing.assert_allclose(centres, [[200, 30, 30]] * len(rgb_stems), atol=8)
-
-
-def test_crop_of_a_large_jpeg_matches_the_full_resolution_crop():
-    """Large JPEGs are decoded at reduced scale; the crop must still cover the same ground."""
-    yy, xx = np.mgrid[0:1200, 0:1600]
-    pixels = np.stack([xx * 255 // 1600, yy * 255 // 1200, (xx + yy) * 255 // 2800], -1).astype(np.uint8)
-    pixels[500:800, 700:1000] = (250, 250, 40)  # The object: box (700, 500, 300, 300).
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    crop = fmow_reader.crop_to_jpeg(buffer.getvalue(), (700, 500, 300, 300), 64, context_factor=2.0)
-    got = np.asarray(Image.open(io.BytesIO(crop)), np.float32)
-    expected = np.asarray(Image.fromarray(pixels).crop((550, 350, 1150, 950)).resize((64, 64), Image.BICUBIC),
-                          np.float32)
-    assert got.shape == (64, 64, 3)
-    assert np.abs(got - expected).mean() < 4.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,15 +353,20 @@ def test_tfds_build_cli_and_load(tmp_path):
     summary = sample_data.generate(root, seed=4, locations_per_split={"train": 2, "val": 1},
                                    image_size_range=(48, 56))
     tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
+    # The README's command exactly: no --config, no --file_format. It builds the one dataset users need, as
+    # ArrayRecord, even on a tree without the optional _msrgb files.
     result = subprocess.run(
-        [str(tfds_cli), "build", "tfds_builders/fmow", f"--manual_dir={root}", f"--data_dir={tmp_path / 'data'}",
-         "--config=rgb_64"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        [str(tfds_cli), "build", "tfds_builders/fmow", f"--manual_dir={root}", f"--data_dir={tmp_path / 'data'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-3000:]
+    built = tmp_path / "data" / "fmow" / str(fmow_dataset_builder.Builder.VERSION)
+    assert [p.name for p in (tmp_path / "data" / "fmow").iterdir()] == [built.name]  # One dataset, no configs.
+    builder = tfds.builder_from_directory(str(built))
+    assert builder.info.file_format.value == "array_record"
     for split in ("train", "val"):
-        ds = tfds.load("fmow/rgb_64", data_dir=str(tmp_path / "data"), split=split)
-        examples = list(tfds.as_numpy(ds))
+        examples = _examples(builder, split)
         assert len(examples) == summary[split]["locations"]
-        assert sum(len(ex["timestamps"]) for ex in examples) == summary[split]["images"]
+        assert sum(len(ex["timestamps"]) for ex in examples.values()) == summary[split]["images"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,22 +450,6 @@ def test_choose_box():
             fmow_format.choose_box(bad, "airport")
 
 
-def test_crop_window():
-    window = fmow_format.crop_window((40, 50, 20, 10), 200, 100, 2.0)   # Fits: centred on (50, 55).
-    assert (window.left, window.top, window.size) == (30, 35, 40)
-    assert window.pil_box == (30, 35, 70, 75)
-    window = fmow_format.crop_window((2, 90, 10, 8), 200, 100, 3.0)     # At a corner: shifted inside.
-    assert (window.left, window.top, window.size) == (0, 70, 30)
-    window = fmow_format.crop_window((10, 10, 60, 20), 200, 50, 2.0)    # Taller than the image: padded.
-    assert (window.left, window.top, window.size) == (0, -35, 120)
-    window = fmow_format.crop_window((0, 0, 90, 90), 100, 60, 2.0)      # Capped at the longer side.
-    assert (window.left, window.top, window.size) == (0, -20, 100)
-    window = fmow_format.crop_window((5, 5, 0, 0), 100, 100, 2.0)       # Degenerate box: still >= 1 px.
-    assert window.size == 2 and window.left == 4
-    window = fmow_format.crop_window((150, -30, 20, 20), 100, 100, 2.0)  # Box outside: centre clamped.
-    assert (window.left, window.top) == (60, 0)
-
-
 def test_parse_image_record():
     record = {"timestamp": "2012-04-02T10:32:22Z", "raw_location": _wkt([(0, 0), (2, 0), (2, 2), (0, 2), (0, 0)]),
               "bounding_boxes": [{"box": [1, 2, 3, 4], "category": "dam"}], "gsd": "0.5", "cloud_cover": 12,
@@ -477,3 +470,11 @@ def test_parse_image_record():
         assert error.value.reason == "invalid_field"
     with pytest.raises(fmow_format.RecordError):
         fmow_format.parse_image_record(["not", "a", "dict"], "dam")
+    # A footprint off the globe is its own reason: one such image would make its location's coordinates NaN.
+    for footprint in ("POLYGON ((0 0, nan 0, 2 2, 0 0))", "POLYGON ((0 0, 2 0, 2 91, 0 0))",
+                      "POLYGON ((180.5 0, 181 0, 181 1, 180.5 0))", "POLYGON ((0 0, inf 0, 2 2, 0 0))"):
+        with pytest.raises(fmow_format.RecordError, match="raw_location") as error:
+            fmow_format.parse_image_record({**record, "raw_location": footprint}, "dam")
+        assert error.value.reason == "invalid_location"
+    assert fmow_format.parse_image_record({**record, "raw_location": "POLYGON ((179 -90, 180 -90, 180 -89, "
+                                                                     "179 -90))"}, "dam").lat_lon[0] < -89

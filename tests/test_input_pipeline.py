@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
+from geo_contrast import records
 
 
 def _draws(query_index, num_images, temporal, n=400):
@@ -46,22 +47,76 @@ def test_without_temporal_positives_the_key_is_the_query():
 
 
 def _stream(data_dir, start_step, *, temporal=True, batch=4, devices=1, process=0, processes=1):
-    builder = input_pipeline.load_builder("fmow/rgb_64", data_dir)
-    index = input_pipeline.read_location_index(builder, "train")
+    builder = records.load_builder("fmow", data_dir)
+    index = records.read_location_index(builder, "train")
     ds = input_pipeline.pretrain_dataset(
-        builder,
-        "train",
-        temporal=temporal,
-        image_size=16,
-        crop_scale=(0.2, 1.0),
-        global_batch=batch,
-        host=input_pipeline.HostSlice(process, processes, devices),
-        seed=3,
-        start_step=start_step,
-        images_per_epoch=int(index.num_images.sum()),
-        shuffle_buffer=64,
-    )
+        builder, "train", index, temporal=temporal, views=input_pipeline.Views(16, (0.2, 1.0), "center_square"),
+        global_batch=batch, host=input_pipeline.HostSlice(process, processes, devices), seed=3,
+        start_step=start_step)
     return ds.as_numpy_iterator(), index
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The epoch order: a full permutation of the images, so a location's images are spread over the whole epoch.
+
+
+def _index(num_locations=3000, seed=0):
+    """A split of many multi-image locations (1..8 images, ~4.5 on average as in fMoW's 4.4)."""
+    counts = np.random.default_rng(seed).integers(1, 9, num_locations)
+    return records.LocationIndex(np.zeros((num_locations, 2), np.float32), counts)
+
+
+def _siblings_before(locations, window):
+    """For each position p >= window, how many of the `window` positions before it hold an image of p's
+    location (the queue's false negatives under temporal positives, were the queue `window` keys long)."""
+    counts = []
+    for p in range(window, len(locations)):
+        counts.append(np.sum(locations[p - window:p] == locations[p]))
+    return np.array(counts)
+
+
+def _permutation_expectation(index, window):
+    """E[siblings among the previous `window` positions] under a uniformly random order of the images: each of a
+    query's n - 1 siblings is in any given other position with probability 1 / (N - 1)."""
+    n = index.num_images.astype(np.float64)
+    total = n.sum()
+    return window / (total - 1) * np.sum(n * (n - 1)) / total
+
+
+def _grouped_order(index, seed, buffer):
+    """The order the stream had before: locations shuffled, each one's images entering together, then a shuffle
+    buffer of `buffer` images (tf.data's algorithm: draw uniformly from the buffer, refill from the stream)."""
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(index.num_images))
+    stream = np.repeat(shuffled, index.num_images[shuffled])
+    pool, out = [], []
+    for item in stream:
+        pool.append(item)
+        if len(pool) == buffer:
+            out.append(pool.pop(rng.integers(len(pool))))
+    while pool:
+        out.append(pool.pop(rng.integers(len(pool))))
+    return np.array(out)
+
+
+def test_siblings_before_a_query_are_those_of_a_full_permutation():
+    """Each epoch is a uniformly random permutation of the images: the mean number of a query's siblings among
+    the previous Q positions is the permutation's expectation, within sampling noise; the order the stream had
+    before (locations entering whole, a 2,048-image shuffle buffer) holds several times more of them."""
+    index, window = _index(), 1024
+    host = input_pipeline.HostSlice(0, 1, 1)
+    expected = _permutation_expectation(index, window)
+    location_of = np.repeat(np.arange(len(index.num_images)), index.num_images)
+    # The sampling noise of the mean: its spread over independently drawn permutations.
+    noise = np.std([_siblings_before(location_of[np.random.default_rng(100 + i).permutation(len(location_of))],
+                                     window).mean() for i in range(6)])
+    for seed in (0, 1):
+        chunks = input_pipeline.stream_positions(index, seed=seed, global_batch=8, host=host, start=0)
+        locations = np.concatenate([next(chunks)["location"] for _ in range(-(-len(location_of) // 256))])
+        assert sorted(locations) == sorted(location_of)  # The epoch visits every image once.
+        assert abs(_siblings_before(locations, window).mean() - expected) < 4 * noise
+    grouped = _siblings_before(_grouped_order(index, 0, buffer=2048), window).mean()
+    assert grouped - expected > 20 * noise  # ~2.9x the expectation.
 
 
 def test_batches_are_laid_out_for_pmap_as_uint8_pixels(tiny_fmow):

@@ -7,6 +7,8 @@ import os
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from configs import fmow
 from geo_contrast import augment
@@ -17,6 +19,7 @@ from geo_contrast import devices
 from geo_contrast import input_pipeline
 from geo_contrast import linear_eval
 from geo_contrast import metric_writer
+from geo_contrast import records
 from geo_contrast import results
 from geo_contrast import train_setup
 from geo_contrast import workdir as workdir_lib
@@ -40,7 +43,13 @@ def _config(data_dir, **linear_eval):
 
 
 def _builder(config):
-    return input_pipeline.load_builder(config.dataset.name, config.dataset.data_dir)
+    return records.load_builder(config.dataset.name, config.dataset.data_dir)
+
+
+def _examples(builder, split):
+    """The split's locations in stored order, decoded by TFDS (not by the pipeline under test)."""
+    source = builder.as_data_source(split)
+    return [source[i] for i in range(len(source))]
 
 
 def _leaves_equal(a, b):
@@ -53,10 +62,12 @@ def test_extracted_features_match_a_direct_forward_pass(data_dir, tmp_path):
     variables = devices.replicate(backbone.variables)
     data = linear_eval.extract_split(backbone.module, variables, _builder(config), "val", config.linear_eval)
     images, labels, locations = [], [], []
-    for index, example in enumerate(_builder(config).as_dataset(split="val").as_numpy_iterator()):
-        for image in example["images"]:  # Decoded uint8 here; the stage decodes the JPEG bytes itself.
-            images.append(augment.eval_view(image, 32, 32).numpy())
-            labels.append(example["label"])
+    source = _builder(config).as_data_source("val", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    for index in range(len(source)):  # The stored records, parsed here without the pipeline under test.
+        features = tf.train.Example.FromString(source[index]).features.feature
+        for jpeg in features["images"].bytes_list.value:
+            images.append(augment.eval_view(jpeg, 32, 32).numpy())
+            labels.append(features["label"].int64_list.value[0])
             locations.append(index)
     expected = backbone.module.apply(backbone.variables, np.stack(images), train=False)
     assert len(labels) > 8 and len(labels) % 8
@@ -69,13 +80,13 @@ def test_extracted_features_match_a_direct_forward_pass(data_dir, tmp_path):
 def two_probes(data_dir, tmp_path_factory):
     """The cached and the uncached probe on the same random backbone, trained two epochs each.
 
-    With image_size == resize_size the training crop of a square image is the whole image, i.e. the eval view,
-    and with a batch holding the whole train split each epoch is one full-batch step, so the order of images
-    does not matter: the two paths must then train the same classifier.
+    With image_size == resize_size the training crop of a square region (the box square) is the whole region,
+    i.e. the eval view, and with a batch holding the whole train split each epoch is one full-batch step, so the
+    order of images does not matter: the two paths must then train the same classifier.
     """
-    config = _config(data_dir)
+    config = _config(data_dir, region="box_square")
     builder = _builder(config)
-    num_train = sum(len(ex["timestamps"]) for ex in builder.as_dataset(split="train").as_numpy_iterator())
+    num_train = sum(len(ex["timestamps"]) for ex in _examples(builder, "train"))
     lc = config.linear_eval
     lc.global_batch = 8 * -(-num_train // 8)
     lc.num_epochs = 2
@@ -95,9 +106,10 @@ def two_probes(data_dir, tmp_path_factory):
             batches = lambda e: linear_eval.feature_batches(train.features, train.labels, lc.global_batch, seed=0,
                                                             epoch=e)
         else:
+            index = records.read_location_index(builder, "train")
             batches = lambda e: input_pipeline.lincls_train_batches(
-                builder, "train", image_size=lc.image_size, resize_size=lc.resize_size, batch_size=lc.global_batch,
-                seed=0, epoch=e, shuffle_buffer=64)
+                builder, "train", index, image_size=lc.image_size, resize_size=lc.resize_size,
+                batch_size=lc.global_batch, seed=0, epoch=e, region=lc.region)
         final, _ = linear_eval.train_classifier(
             replicated, batches, val, names, lc=lc, head=head, backbone=None if cached else backbone.module,
             writer=writer, name="test")

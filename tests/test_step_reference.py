@@ -15,7 +15,7 @@ standardisation; key parameters <- m * key + (1 - m) * query before the update; 
 permuted, each contiguous group normalised with its own batch statistics, un-permuted, L2-normalised); queries
 per group; InfoNCE against [own key, queue] plus the geo cross-entropy on the un-normalised projection; torch
 BN running statistics (momentum 0.9, unbiased variance, averaged over groups); torch SGD (weight decay on every
-parameter added to the gradient, buffer = momentum * buffer + gradient, lr of MoCo-v2's cosine schedule); the
+parameter added to the gradient, buffer = momentum * buffer + gradient, lr of the released per-epoch cosine); the
 keys enqueued FIFO after the loss. Only the shuffle permutation is taken from JAX (it is the step's random draw);
 it is checked to move images across BN groups, since a permutation that keeps the groups would hide shuffle BN.
 
@@ -88,8 +88,8 @@ _SCRIPT = textwrap.dedent("""
     config = types.SimpleNamespace(
         input=types.SimpleNamespace(global_batch=setup["batch"]),
         optim=types.SimpleNamespace(base_lr=hp["peak_lr"] * 256 / setup["batch"], momentum=hp["sgd_momentum"],
-                                    weight_decay=hp["weight_decay"]))
-    lr_fn = train_setup.learning_rate_schedule(config, hp["total_steps"])
+                                    weight_decay=hp["weight_decay"], num_epochs=hp["total_steps"]))
+    lr_fn = train_setup.learning_rate_schedule(config, steps_per_epoch=1)
     tx = train_setup.optimizer(config, lr_fn)
     state = ts.TrainState(
         step=jnp.zeros((), jnp.int32), params=init["params"], batch_stats=init["batch_stats"],
@@ -242,7 +242,7 @@ def _reference_step(state, batch, perm):
     total, nce, geo_ce = loss(state["params"])
     grads = _finite_difference_grad(lambda p: loss(p)[0], state["params"])
     step = state["step"]  # optax's schedule counter ("lr_schedule_count") must follow it: the lr comes from there.
-    # MoCo-v2's cosine schedule: lr_t = peak * (1 + cos(pi * t / T)) / 2.
+    # The released cosine schedule, set per epoch: lr_e = peak * (1 + cos(pi * e / E)) / 2 (one step an epoch).
     lr = HP["peak_lr"] * 0.5 * (1 + math.cos(math.pi * min(step, HP["total_steps"]) / HP["total_steps"]))
     # torch.optim.SGD: weight decay added to the gradient of every parameter, then buffer = momentum * buffer + g.
     buffer = _map(lambda b, g, p: HP["sgd_momentum"] * b + g + HP["weight_decay"] * p, state["momentum_buffer"],

@@ -90,7 +90,7 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     c.optim.base_lr = 0.03  # MoCo-v2's: the tolerance below is for its step sizes, whatever the sample uses.
     encoder = train_setup.build_encoder(c.model)
     geo_head = moco.GeoHead(5)
-    lr_fn = train_setup.learning_rate_schedule(c, 10)
+    lr_fn = train_setup.learning_rate_schedule(c, steps_per_epoch=2)
     tx = train_setup.optimizer(c, lr_fn)
     state = jax.device_get(train_setup.init_state(c, encoder, geo_head, tx, 32, seed=0))
     rng = np.random.default_rng(0)
@@ -137,3 +137,16 @@ def test_four_devices_equal_one_device_with_four_bn_groups(tmp_path):
     np.testing.assert_allclose(result["four"], result["one"], rtol=2e-5, atol=2e-5)
     assert result["max_state_diff"] < 1e-4, result["worst"]
     assert result["queue_ptr"] == [16, 16]  # 3 batches of 16 keys in a 32-slot queue.
+
+
+def test_the_lr_is_set_once_per_epoch_by_the_released_cosine():
+    """adjust_learning_rate (main_moco_geo+tp.py) at the start of each epoch: peak (1 + cos(pi e / E)) / 2."""
+    from configs import fmow
+    from geo_contrast import train_setup
+    c = fmow.get_config()
+    c.optim.num_epochs = 4
+    lr_fn = train_setup.learning_rate_schedule(c, steps_per_epoch=10)
+    got = [float(lr_fn(step)) for step in range(40)]
+    expected = [0.03 * 0.5 * (1 + np.cos(np.pi * (step // 10) / 4)) for step in range(40)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[9] == got[0] and got[10] < got[9] and got[39] > 0

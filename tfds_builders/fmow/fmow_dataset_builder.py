@@ -1,20 +1,24 @@
 """TFDS builder for fMoW-rgb (Functional Map of the World), one example per location.
 
-    tfds build tfds_builders/fmow --manual_dir=PATH [--config=rgb_64] [--data_dir=DIR]
+    tfds build tfds_builders/fmow --manual_dir=PATH [--data_dir=DIR]
 
-PATH is the extracted fmow-rgb release root (train/, val/, and test/ when it has the labelled layout).
-Every image is cropped around its labelled box and stored as a small square JPEG (rules in README.md and
-`fmow_format.crop_window`); a location's images are sorted by their JSON timestamps.
+PATH is the extracted fmow-rgb release root (train/, val/, and test/ when it has the labelled layout). Every
+image is stored whole, as the authors' data loader opens it, with its shorter side at most 448 px (the released
+scripts' `Resize(448)`: nothing larger is ever used), its labelled box beside it, and a location's images sorted
+by their JSON timestamps. One dataset serves every recipe: the released crops (the whole image, or its centre
+square) and MoCo-v2's square crop around the box are cut at read time (geo_contrast/augment.py).
+
+The files are ArrayRecord (`--file_format=array_record`, this builder's default): training reads locations by
+index, so each epoch can be a uniformly random permutation of the images (geo_contrast/input_pipeline.py).
 
 The build streams: locations are read one at a time by a bounded pool of threads (PIL releases the GIL
-while decoding, cropping and encoding), so memory holds only the in-flight locations whatever the size of
+while decoding, resizing and encoding), so memory holds only the in-flight locations whatever the size of
 the release. Unusable images are skipped with a warning naming the file and counted per reason; the counts
 are logged at the end of each split.
 """
 
 import collections
 import concurrent.futures
-import dataclasses
 import itertools
 import multiprocessing
 import time
@@ -28,9 +32,9 @@ import tensorflow_datasets as tfds
 from . import fmow_format
 from . import fmow_reader
 
-# Crop side = CONTEXT_FACTOR x the box's longer side: the object fills about half the crop and the other
-# half is its surroundings, which fMoW classes depend on (a runway vs a road, a tank farm vs one tank).
-DEFAULT_CONTEXT_FACTOR = 2.0
+# The released scripts resize every image to 448 px on its shorter side before cropping (main_moco_tp.py:288,
+# main_moco_geo+tp.py:288 and 311): a larger stored image would only cost disk and decoding time.
+MAX_SHORTER_SIDE = 448
 # Reader threads: one per core, at most _MAX_WORKERS. Each holds one decoded source image at a time (tens of
 # MB for the release's largest), and past a few dozen threads the GIL-bound JSON work stops scaling anyway.
 _MAX_WORKERS = 32
@@ -38,39 +42,36 @@ _MAX_WORKERS = 32
 _IN_FLIGHT_PER_WORKER = 4
 # Seconds between progress lines.
 _PROGRESS_EVERY_S = 30.0
-
-
-@dataclasses.dataclass(eq=False)
-class FmowConfig(tfds.core.BuilderConfig):
-    """image_size: side of the stored square crops; use_msrgb: read the `_msrgb` files instead of `_rgb`;
-    context_factor: crop side as a multiple of the labelled box's longer side."""
-    image_size: int = 256
-    use_msrgb: bool = False
-    context_factor: float = DEFAULT_CONTEXT_FACTOR
+# Random access by index is what makes each epoch a full permutation of the images.
+FILE_FORMAT = "array_record"
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
     """fMoW-rgb: satellite image time series per location, 62 classes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "One example per location; images cropped around the labelled box."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "One example per location; images cropped around the labelled box.",
+        "2.0.0": "Whole images (shorter side <= 448 px) with their labelled box, as the authors' loader reads "
+                 "them; ArrayRecord files by default; one dataset instead of per-size configs.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = fmow_reader.DOWNLOAD_INSTRUCTIONS
-    BUILDER_CONFIGS = [
-        FmowConfig(name="rgb_256", image_size=256, description="RGB crops, 256x256 JPEG."),
-        FmowConfig(name="rgb_64", image_size=64, description="RGB crops, 64x64 JPEG (sample data, tests)."),
-        FmowConfig(name="msrgb_256", image_size=256, use_msrgb=True,
-                   description="Crops of the `_msrgb` companions, 256x256 JPEG."),
-    ]
+
+    def __init__(self, *, file_format=None, **kwargs):
+        """ArrayRecord for a new build unless `file_format` (or `tfds build --file_format`) asks for another; a
+        prepared dataset keeps the format it was built in (so a reader can say how to rebuild it)."""
+        super().__init__(file_format=file_format, **kwargs)
+        if file_format is None and not self.is_prepared():
+            self.info.set_file_format(FILE_FORMAT, override=True)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
                 "location_id": tfds.features.Text(),
                 "label": tfds.features.ClassLabel(names=fmow_format.CLASS_NAMES),
                 "coordinates": tfds.features.Tensor(shape=(2,), dtype=np.float32),
                 "images": tfds.features.Sequence(
-                    tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg")),
+                    tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")),
                 "timestamps": tfds.features.Sequence(np.int64),
                 "metadata": tfds.features.Sequence({
                     "gsd": np.float32,
@@ -79,6 +80,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     "sun_elevation_dbl": np.float32,
                     "country_code": tfds.features.Text(),
                     "image_stem": tfds.features.Text(),
+                    "box": tfds.features.BBoxFeature(),
                 }),
             }),
             supervised_keys=None,
@@ -94,13 +96,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, split_dir: epath.Path):
         """Yields (location_id, example) as locations finish reading; logs progress and skip counts."""
-        config = self.builder_config
         locations = fmow_reader.list_locations(split, split_dir)
-        tally = _SplitTally(f"fmow/{config.name} {split}", total=len(locations))
+        tally = _SplitTally(f"fmow {split}", total=len(locations))
 
         def read(location):
-            return fmow_reader.read_location(location, image_size=config.image_size,
-                                             use_msrgb=config.use_msrgb, context_factor=config.context_factor)
+            return fmow_reader.read_location(location, max_shorter_side=MAX_SHORTER_SIDE)
 
         workers = min(multiprocessing.cpu_count(), _MAX_WORKERS)
         for result in _map_unordered(read, locations, workers, workers * _IN_FLIGHT_PER_WORKER):

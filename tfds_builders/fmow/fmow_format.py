@@ -64,20 +64,6 @@ class ImageRecord:
     metadata: dict                           # FLOAT_METADATA keys -> float, "country_code" -> str.
 
 
-@dataclasses.dataclass(frozen=True)
-class CropWindow:
-    """A square in image pixels. It may overhang the image (negative `left`/`top`); the overhang is zero
-    padding, which is what `PIL.Image.crop` produces outside the image."""
-    left: int
-    top: int
-    size: int
-
-    @property
-    def pil_box(self) -> tuple[int, int, int, int]:
-        """(left, upper, right, lower), as `PIL.Image.crop` takes it."""
-        return (self.left, self.top, self.left + self.size, self.top + self.size)
-
-
 def parse_timestamp(text: str) -> int:
     """ISO 8601 text ("2012-04-02T10:32:22Z"; fractions and offsets allowed) -> Unix seconds UTC, floored.
 
@@ -159,6 +145,15 @@ def footprint_centroid(wkt: str) -> tuple[float, float]:
     return polygon_centroid(parse_wkt_polygon(wkt))
 
 
+def is_on_the_globe(rings: Sequence[np.ndarray]) -> bool:
+    """Whether every (lon, lat) vertex is finite with |lat| <= 90 and |lon| <= 180 (WGS84 degrees).
+
+    One image placed off the globe would make its whole location's mean coordinates NaN or meaningless.
+    """
+    return all(np.all(np.isfinite(ring)) and np.all(np.abs(ring[:, 1]) <= 90.0)
+               and np.all(np.abs(ring[:, 0]) <= 180.0) for ring in rings)
+
+
 def mean_lat_lon(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """Mean of (lat, lon) points taken on the unit sphere, so that neighbours on either side of the
     antimeridian average to about ±180 rather than 0."""
@@ -187,33 +182,6 @@ def choose_box(boxes: Sequence, category: str) -> tuple[float, float, float, flo
     return x, y, width, height
 
 
-def crop_window(box: Sequence[float], image_width: int, image_height: int, context_factor: float) -> CropWindow:
-    """The square crop around `box`: side = context_factor * max(box width, box height), centred on the box.
-
-    - The side is at least 1 px and at most max(image_width, image_height): a larger square would only add
-      padding on every side.
-    - Along an axis where the image is at least as long as the side, the square is shifted to lie inside the
-      image: no padding, and the object is still wholly inside, only off-centre.
-    - Along an axis where the image is shorter than the side, the square is centred on the image and the
-      overhang, split evenly, is zero padding.
-    The box centre is clamped into the image first, so a box partly outside the image still gives a window.
-    """
-    x, y, width, height = box
-    side = int(round(context_factor * max(width, height, 1.0)))
-    side = max(1, min(side, max(image_width, image_height)))
-    centre_x = min(max(x + width / 2.0, 0.0), float(image_width))
-    centre_y = min(max(y + height / 2.0, 0.0), float(image_height))
-    return CropWindow(left=_place(centre_x, side, image_width), top=_place(centre_y, side, image_height),
-                      size=side)
-
-
-def _place(centre: float, side: int, extent: int) -> int:
-    """Start of a `side`-long interval about `centre`, shifted into [0, extent] or, if longer, centred on it."""
-    if side <= extent:
-        return int(min(max(round(centre - side / 2.0), 0), extent - side))
-    return -((side - extent) // 2)
-
-
 def _float_metadata(record: Mapping, key: str) -> float:
     """A numeric field; for `*_dbl` keys, else the mean of its `_min/_max_dbl` or `_start/_end_dbl` variants;
     NaN when none is there or parses. Metadata is descriptive only, so an odd value must not cost the image."""
@@ -234,7 +202,8 @@ def parse_image_record(record: object, category: str) -> ImageRecord:
 
     Raises:
       RecordError: reason "missing_field" when timestamp, raw_location or bounding_boxes is absent or empty;
-        "invalid_field" when one of them does not parse, or the JSON is not an object.
+        "invalid_location" when the footprint has a non-finite or out-of-range vertex; "invalid_field" when a
+        field does not parse, or the JSON is not an object.
     """
     if not isinstance(record, Mapping):
         raise RecordError("invalid_field", f"expected a JSON object, got {type(record).__name__}")
@@ -243,10 +212,14 @@ def parse_image_record(record: object, category: str) -> ImageRecord:
         raise RecordError("missing_field", f"missing or empty: {', '.join(missing)}")
     try:
         timestamp = parse_timestamp(record["timestamp"])
-        lat_lon = footprint_centroid(record["raw_location"])
+        rings = parse_wkt_polygon(record["raw_location"])
         box = choose_box(record["bounding_boxes"], category)
     except (ValueError, TypeError) as error:
         raise RecordError("invalid_field", str(error)) from error
+    if not is_on_the_globe(rings):
+        raise RecordError("invalid_location", "raw_location has a vertex that is not finite or lies outside "
+                          f"|lat| <= 90, |lon| <= 180: {record['raw_location'][:120]!r}")
+    lat_lon = polygon_centroid(rings)
     metadata = {key: _float_metadata(record, key) for key in FLOAT_METADATA}
     metadata["country_code"] = str(record.get("country_code") or "")
     return ImageRecord(timestamp=timestamp, lat_lon=lat_lon, box=box, metadata=metadata)

@@ -9,13 +9,13 @@ reason, and the caller counts and logs it. The parsing rules themselves live in 
 import dataclasses
 import io
 import json
-import math
 from collections.abc import Sequence
 
 from absl import logging
 from etils import epath
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
 
 from . import fmow_format
 
@@ -33,10 +33,10 @@ and pass PATH (the folder that holds train/ and val/) as --manual_dir. Expected 
     PATH/test/<category>/<category>_<loc>/...                            (optional: only when labelled)
 
 <category> is one of the 62 fMoW classes (airport, airport_hangar, ..., zoo). The unlabelled test/ and
-seq/ folders of the original release are ignored. `_msrgb` companions are read only by msrgb_* configs.
+seq/ folders of the original release are ignored, and so are the optional `_msrgb` companions.
 """
 
-# JPEG quality of the stored crops: high enough that re-encoding adds little on top of the release's JPEG.
+# JPEG quality of the images re-encoded after a resize: high enough that it adds little to the release's own.
 JPEG_QUALITY = 95
 # What PIL raises on truncated, corrupt or absurdly large files.
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -49,8 +49,8 @@ class LayoutError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Skip:
     """One image left out: which file, why, and the underlying message. `reason` is one of unreadable_json,
-    missing_field, invalid_field (see `fmow_format.parse_image_record`), unreadable_image, image_without_json,
-    json_without_image."""
+    missing_field, invalid_field, invalid_location (see `fmow_format.parse_image_record`), unreadable_image,
+    box_outside_image, image_without_json, json_without_image."""
     reason: str
     path: str
     detail: str
@@ -109,14 +109,13 @@ def list_locations(split: str, split_dir: epath.Path) -> list[Location]:
             for location_dir in sorted(category_dir.iterdir()) if location_dir.is_dir()]
 
 
-def _pair_files(location_dir: epath.Path, suffix: str) -> tuple[list[tuple[str, epath.Path, epath.Path]],
-                                                                list[Skip]]:
-    """(stem, jpg, json) for every `*<suffix>.jpg` with its JSON, and a Skip for every file without its pair.
-    Files of the other product (`_rgb` vs `_msrgb`) and any other file are ignored."""
+def _pair_files(location_dir: epath.Path) -> tuple[list[tuple[str, epath.Path, epath.Path]], list[Skip]]:
+    """(stem, jpg, json) for every `*_rgb.jpg` with its JSON, and a Skip for every file without its pair.
+    The `_msrgb` companions and any other file are ignored."""
     images, records = {}, {}
     for path in location_dir.iterdir():
         for ext, table in ((".jpg", images), (".json", records)):
-            if path.name.endswith(suffix + ext):
+            if path.name.endswith("_rgb" + ext):
                 table[path.name[: -len(ext)]] = path
     pairs, skips = [], []
     for stem in sorted(images.keys() | records.keys()):
@@ -129,37 +128,54 @@ def _pair_files(location_dir: epath.Path, suffix: str) -> tuple[list[tuple[str, 
     return pairs, skips
 
 
-def crop_to_jpeg(data: bytes, box: Sequence[float], image_size: int, context_factor: float) -> bytes:
-    """Decodes a JPEG, crops the `fmow_format.crop_window` square around `box`, resizes it to
-    image_size x image_size (bicubic, antialiased) and re-encodes it as JPEG.
+def fit_to_jpeg(data: bytes, max_shorter_side: int) -> tuple[bytes, tuple[int, int]]:
+    """The whole image as a JPEG whose shorter side is at most `max_shorter_side`, and its original (width,
+    height). The image is decoded in full (a truncated or corrupt file raises here, not at training time).
 
-    Large images are decoded at 1/2, 1/4 or 1/8 scale (JPEG DCT scaling, `Image.draft`) when the crop
-    still keeps at least image_size pixels a side: the release has images thousands of pixels wide and
-    this is most of the decoding time.
+    A larger image is resized as torchvision's `Resize(max_shorter_side)` does on a PIL image (shorter side to
+    the target, longer side int(target * long / short), bilinear with PIL's antialiasing) and re-encoded; large
+    JPEGs are decoded at 1/2..1/8 scale first (JPEG DCT scaling, `Image.draft`) when that keeps enough pixels,
+    most of the build's time otherwise. A smaller RGB JPEG is stored as it is, byte for byte: nothing is lost
+    to re-encoding, and the training crop's resize upsamples it as Resize(448) would have (up to interpolation).
     """
     with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        window = fmow_format.crop_window(box, width, height, context_factor)
-        ratio = image_size / window.size
-        image.draft("RGB", (math.ceil(width * ratio), math.ceil(height * ratio)))
-        scale = image.size[0] / width
-        crop_box = tuple(round(v * scale) for v in window.pil_box)
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        crop = rgb.crop(crop_box).resize((image_size, image_size), Image.Resampling.BICUBIC)
+        size = image.size
+        short, long = min(size), max(size)
+        if short > max_shorter_side:
+            target_long = int(max_shorter_side * long / short)
+            target = (max_shorter_side, target_long) if size[0] <= size[1] else (target_long, max_shorter_side)
+            image.draft("RGB", target)
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            out = rgb.resize(target, Image.Resampling.BILINEAR)
+        elif image.format == "JPEG" and image.mode == "RGB":
+            image.load()
+            return data, size
+        else:
+            out = image.convert("RGB")
     buffer = io.BytesIO()
-    crop.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
+    out.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue(), size
 
 
-def read_location(location: Location, *, image_size: int, use_msrgb: bool, context_factor: float
-                  ) -> LocationResult:
+def normalized_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The labelled box (x, y, w, h) in pixels as (ymin, xmin, ymax, xmax) fractions of the image, clipped to
+    it, as `tfds.features.BBox` stores boxes; None when no part of the box lies inside the image."""
+    x, y, w, h = box
+    xmin, xmax = max(x, 0.0) / width, min(x + w, width) / width
+    ymin, ymax = max(y, 0.0) / height, min(y + h, height) / height
+    if xmax <= xmin or ymax <= ymin:
+        return None
+    return ymin, xmin, ymax, xmax
+
+
+def read_location(location: Location, *, max_shorter_side: int) -> LocationResult:
     """Reads one location folder into a TFDS example with the features of `fmow_dataset_builder`.
 
-    Images are kept only with a usable JSON (see `fmow_format.parse_image_record`) and a decodable JPEG;
-    they are sorted by timestamp (ties by file name). The location's coordinates are the spherical mean of
-    its images' footprint centroids. `use_msrgb` reads the `_msrgb` files instead of the `_rgb` ones.
+    Images are kept only with a usable JSON (see `fmow_format.parse_image_record`), a decodable JPEG and a
+    labelled box that overlaps the image; they are sorted by timestamp (ties by file name). The location's
+    coordinates are the spherical mean of its images' footprint centroids.
     """
-    pairs, skips = _pair_files(location.path, "_msrgb" if use_msrgb else "_rgb")
+    pairs, skips = _pair_files(location.path)
     kept = []
     for stem, image_path, json_path in pairs:
         try:
@@ -173,21 +189,26 @@ def read_location(location: Location, *, image_size: int, use_msrgb: bool, conte
             skips.append(Skip(error.reason, str(json_path), str(error)))
             continue
         try:
-            jpeg = crop_to_jpeg(image_path.read_bytes(), parsed.box, image_size, context_factor)
+            jpeg, (width, height) = fit_to_jpeg(image_path.read_bytes(), max_shorter_side)
         except _IMAGE_ERRORS as error:
             skips.append(Skip("unreadable_image", str(image_path), f"{type(error).__name__}: {error}"))
             continue
-        kept.append((parsed.timestamp, stem, parsed, jpeg))
+        box = normalized_box(parsed.box, width, height)
+        if box is None:
+            skips.append(Skip("box_outside_image", str(json_path),
+                              f"box {parsed.box} lies outside the {width}x{height} image"))
+            continue
+        kept.append((parsed.timestamp, stem, parsed, jpeg, box))
     if not kept:
         return LocationResult(location.location_id, None, 0, tuple(skips))
     kept.sort(key=lambda item: item[:2])
     example = {
         "location_id": location.location_id,
         "label": location.category,
-        "coordinates": np.array(fmow_format.mean_lat_lon([p.lat_lon for _, _, p, _ in kept]), np.float32),
-        "images": [jpeg for _, _, _, jpeg in kept],
-        "timestamps": np.array([timestamp for timestamp, _, _, _ in kept], np.int64),
-        "metadata": [{**p.metadata, "image_stem": stem} for _, stem, p, _ in kept],
+        "coordinates": np.array(fmow_format.mean_lat_lon([p.lat_lon for _, _, p, _, _ in kept]), np.float32),
+        "images": [jpeg for _, _, _, jpeg, _ in kept],
+        "timestamps": np.array([timestamp for timestamp, _, _, _, _ in kept], np.int64),
+        "metadata": [{**p.metadata, "image_stem": stem,
+                      "box": tfds.features.BBox(*np.asarray(box, np.float32))} for _, stem, p, _, box in kept],
     }
     return LocationResult(location.location_id, example, len(kept), tuple(skips))
-

@@ -95,6 +95,7 @@ _MAX_IMAGES_PER_LOCATION = 6
 _JPEG_QUALITY = 80
 # Sensor noise: faint by default; the benchmark's grain gives 256 px JPEGs the size of real fMoW crops (~30 KB).
 DEFAULT_GRAIN = 0.01
+DEFAULT_IMAGE_SIZES = (96, 160)
 BENCHMARK_GRAIN = 0.08
 
 # (lat, lon, ISO 3166 alpha-3) of real places. The first five are the hard cases for coordinate code.
@@ -685,7 +686,7 @@ def generate(
     seed: int = 0,
     locations_per_split: Mapping[str, int] | None = None,
     classes: Sequence[str] | None = None,
-    image_size_range: tuple[int, int] = (96, 160),
+    image_size_range: tuple[int, int] = DEFAULT_IMAGE_SIZES,
     grain: float = DEFAULT_GRAIN,
 ) -> dict:
     """Writes a synthetic fMoW-rgb tree at `out_dir` (see the module docstring for the rules).
@@ -743,6 +744,8 @@ def main(argv=None):
                         help="0 writes no test split")
     parser.add_argument("--grain", type=float, default=DEFAULT_GRAIN,
                         help=f"sensor noise std; {BENCHMARK_GRAIN} for realistic JPEG sizes in input benchmarks")
+    parser.add_argument("--image_sizes", type=int, nargs=2, default=DEFAULT_IMAGE_SIZES, metavar=("LOW", "HIGH"),
+                        help="range of image widths and heights in pixels (larger for build and input benchmarks)")
     args = parser.parse_args(argv)
     try:
         summary = generate(
@@ -751,6 +754,7 @@ def main(argv=None):
             locations_per_split={split: n for split, n in (
                 ("train", args.train_locations), ("val", args.val_locations), ("test", args.test_locations)) if n},
             grain=args.grain,
+            image_size_range=tuple(args.image_sizes),
         )
     except (ValueError, FileExistsError) as e:
         parser.error(str(e))

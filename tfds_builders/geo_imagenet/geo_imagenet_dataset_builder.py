@@ -186,6 +186,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                           description="Shorter side 64 px, for samples and tests; 20% val so tiny trees get one."),
     ]
 
+    def __init__(self, *, file_format=None, **kwargs):
+        """ArrayRecord for a new build unless `file_format` (or `tfds build --file_format`) asks for another; a
+        prepared dataset keeps the format it was built in (so a reader can say how to rebuild it)."""
+        super().__init__(file_format=file_format, **kwargs)
+        if file_format is None and not self.is_prepared():
+            self.info.set_file_format("array_record", override=True)
+
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
