@@ -13,6 +13,9 @@ importing each other (and, for export and the converter, without importing Tenso
 
 Errors a user can cause here (an unusable directory, a workdir without checkpoints, a checkpoint that no
 geo_contrast run wrote) are `WorkdirError`s whose message says what to do.
+
+Orbax (and with it JAX) is imported only by the functions that read checkpoints, so the layout, and with it
+results.load, imports without JAX: the report command gathers results.json files on any machine in a second.
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-
-from geo_contrast import checkpointing
 
 CHECKPOINTS = "checkpoints"
 CLUSTERS = "geo_clusters.npz"
@@ -123,6 +123,8 @@ class RecordedRun:
 
 def latest_step(directory):
     """The newest finished checkpoint step in `directory`, or None (a missing directory has none)."""
+    from geo_contrast import checkpointing  # JAX: see the module docstring.
+
     if not os.path.isdir(directory):
         return None
     return checkpointing.reader(directory).latest_step()
@@ -131,6 +133,8 @@ def latest_step(directory):
 def find_checkpoint(path):
     """(checkpoints directory, step) of `path`: a step directory (`.../checkpoints/640`), a checkpoints directory
     (its latest step) or a workdir (its checkpoints/' latest step); WorkdirError when none is there."""
+    from geo_contrast import checkpointing  # JAX: see the module docstring.
+
     path = os.path.abspath(os.path.expanduser(path)).rstrip(os.sep)
     if not os.path.isdir(path):
         raise WorkdirError(f"{path} is not a directory: expected a workdir, its checkpoints/ or one checkpoint "
@@ -153,6 +157,10 @@ def read_run(directory, step=None, *, with_state=False, like=None):
     architecture reads without rebuilding the model), or read into the shapes of the pytree `like` (the model's
     own TrainState, so the result has its structure and dtypes).
     """
+    import orbax.checkpoint as ocp  # JAX: see the module docstring.
+
+    from geo_contrast import checkpointing
+
     steps = checkpointing.reader(directory).all_steps() if os.path.isdir(directory) else []
     if not steps:
         raise WorkdirError(f"{directory} holds no finished pretraining checkpoint. Run the pretrain stage first "
