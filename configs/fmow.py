@@ -2,9 +2,12 @@ r"""Pretraining (MoCo-v2, +TP, +Geo, +Geo+TP) and linear evaluation on fMoW-rgb.
 
     python -m geo_contrast.main --config=configs/fmow.py --workdir=DIR                  # MoCo-v2+Geo+TP
     python -m geo_contrast.main --config=configs/fmow.py:variant=tp --workdir=DIR       # MoCo-v2+TP
+    python -m geo_contrast.main --config=configs/fmow.py:variant=geo_only --workdir=DIR # geo classification only
     python -m geo_contrast.main --config=configs/fmow.py:sample --workdir=DIR           # bundled sample, CPU
 
-Arguments (after the colon, comma separated): `variant=moco|tp|geo|geo_tp` (default geo_tp), `recipe=released|
+Arguments (after the colon, comma separated): `variant=moco|tp|geo|geo_tp|geo_only` (default geo_tp; geo_only is
+Table 1's "geo-location classification only": the query encoder and the geo head, no InfoNCE, no key encoder, no
+queue), `recipe=released|
 square` (default released) and `sample`. Every field can be overridden: `--config.moco.temperature=0.2`
 (MoCo-v2's value; the authors' released commands use 0.02, our default). Give the variant in the path, not as
 `--config.variant`: the variant also picks its crops.
@@ -101,7 +104,27 @@ def get_config(arg=None):
     c.linear_eval.image_size = 224
     c.linear_eval.resize_size = 224
     c.linear_eval.cache_features = False
-    c.linear_eval.compare_random = False  # Also probe the random-init encoder, the floor (results.md: margin).
+
+    # Fine-tuning (config.stages=...,finetune): the encoder and a new classifier trained together. Our recipe (the
+    # released code has none): torchvision's classification reference (RandomResizedCrop(224) + flip, SGD with
+    # momentum 0.9 and weight decay 1e-4), a cosine lr set per epoch from a fine-tuning peak, the probe's views to
+    # evaluate; geo_contrast/finetune.py says why.
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.init = "pretrained"  # As linear_eval.init; "random" is Table 1's "supervised, scratch".
+    c.finetune.global_batch = 256
+    c.finetune.num_epochs = 30
+    c.finetune.base_lr = 0.05  # For a global batch of 256, scaled linearly.
+    c.finetune.momentum = 0.9
+    c.finetune.weight_decay = 1e-4
+    c.finetune.crop_scale = (0.08, 1.0)  # torchvision's RandomResizedCrop default.
+    c.finetune.region = "whole"
+    c.finetune.box_context = 2.0
+    c.finetune.image_size = 224
+    c.finetune.resize_size = 224
+
+    # Also evaluate the random-init encoder (the probe's floor, fine-tuning's "supervised, scratch") after each
+    # evaluation stage: results.md then shows every init's margin over it.
+    c.compare_random = False
 
     _set_crops(c, arg.recipe)
     if arg.sample:
@@ -116,7 +139,7 @@ def _set_crops(c, recipe):
         c.input.region = "center_square" if temporal else "whole"
         c.input.crop_scale = (0.08, 1.0) if temporal else (0.2, 1.0)
     elif recipe == "square":
-        c.input.region = c.linear_eval.region = "box_square"
+        c.input.region = c.linear_eval.region = c.finetune.region = "box_square"
         c.input.crop_scale = (0.2, 1.0)
     else:
         raise config_lib.ConfigError(f"recipe={recipe!r} is not a recipe; choose 'released' or 'square' "
@@ -136,7 +159,7 @@ def _scale_to_sample(c):
     c.dataset.generate_sample = True
     c.input.global_batch = 64
     c.input.image_size = 64
-    c.input.region = c.linear_eval.region = "whole"
+    c.input.region = c.linear_eval.region = c.finetune.region = "whole"
     c.input.crop_scale = (0.5, 1.0)
     c.model.depth = 18
     c.model.width = 16
@@ -156,4 +179,10 @@ def _scale_to_sample(c):
     c.linear_eval.image_size = 64
     c.linear_eval.resize_size = 64
     c.linear_eval.cache_features = True
-    c.linear_eval.compare_random = True
+    c.finetune.global_batch = 64
+    c.finetune.num_epochs = 10
+    c.finetune.base_lr = 0.2  # lr 0.05 at batch 64.
+    c.finetune.crop_scale = (0.5, 1.0)
+    c.finetune.image_size = 64
+    c.finetune.resize_size = 64
+    c.compare_random = True

@@ -531,6 +531,17 @@ def moco_v2_view(jpeg_bytes, seed, size, scale=(0.2, 1.0), *, region="whole", bo
     return moco_v2_augment(crop, augment_seed)
 
 
+def supervised_view(jpeg_bytes, crop_seed, flip_seed, size, scale=(0.08, 1.0), *, region="whole", box=None,
+                    box_context=2.0):
+    """A supervised training view (fine-tuning): torchvision's RandomResizedCrop(size, scale) of the `region`,
+    then RandomHorizontalFlip, as uint8 [size, size, 3] (standardised on the accelerator)."""
+    crop = decode_random_resized_crop(jpeg_bytes, _check_seed(crop_seed, "supervised_view"), size, scale,
+                                      region=region, box=box, box_context=box_context)
+    flip = tf.random.stateless_uniform([], _check_seed(flip_seed, "supervised_view")) < _P_FLIP
+    crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    return tf.cast(tf.round(crop * 255.0), tf.uint8)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Linear evaluation (released main_lincls.py): Resize(resize_size) + RandomCrop / CenterCrop(size)
 

@@ -1,19 +1,24 @@
 """The ResNet an evaluation stage starts from, named by an `init`: a run's pretrained query encoder, a
 checkpoint of any run, or pretraining's random initialisation (the floor every pretrained result is held against).
 
-    "pretrained"    the latest checkpoint of this workdir's pretraining
-    "random"        pretraining's initial query encoder for config.seed
-    PATH            a workdir, its checkpoints/ directory, or one checkpoint step directory
+    "pretrained"          the latest checkpoint of this workdir's pretraining
+    "random"              pretraining's initial query encoder for config.seed
+    PATH                  a workdir, its checkpoints/ directory, or one checkpoint step directory
+    FILE.safetensors      torchvision-layout weights (torchvision's ImageNet ResNet, an export, the authors'
+                          released encoder converted by `python -m geo_contrast.convert`)
 
 A checkpoint's architecture comes from the pretraining config recorded beside it, so any run's encoder can be
-evaluated with another run's evaluation config. TensorFlow-free: only the model and the checkpoints are touched.
+evaluated with another run's evaluation config; a weights file must fit config.model (depth and width).
+TensorFlow-free: only the model, the checkpoints and the weights file are touched.
 """
 
 import dataclasses
+import os
 from typing import Any
 
 from absl import logging
 
+from geo_contrast import safetensors_io
 from geo_contrast import train_setup
 from geo_contrast import workdir as workdir_lib
 from geo_contrast.models import resnet
@@ -29,17 +34,30 @@ class Backbone:
     source: dict  # JSON-able: checkpoint, pretrain_step, pretrain_total_steps, variant.
 
 
+def is_weights_file(init):
+    return init.endswith(".safetensors")
+
+
 def results_key(init, backbone):
-    """The key of `init`'s entry in results.json: "pretrained", "random", or the checkpoint's path."""
-    return init if init in (PRETRAINED, RANDOM) else backbone.source["checkpoint"]
+    """The key of `init`'s entry in results.json: "pretrained", "random", the checkpoint's or the file's path."""
+    if init in (PRETRAINED, RANDOM):
+        return init
+    return backbone.source["init_file"]["path"] if is_weights_file(init) else backbone.source["checkpoint"]
 
 
 def load(config, workdir, init):
     """The backbone `init` names (see the module docstring), computing in config.model.compute_dtype."""
+    source = {"checkpoint": None, "pretrain_step": None, "pretrain_total_steps": None, "variant": None}
     if init == RANDOM:
         model_config = config
         state = train_setup.initial_state(config)
-        source = {"checkpoint": None, "pretrain_step": None, "pretrain_total_steps": None, "variant": None}
+    elif is_weights_file(init):
+        model_config = config
+        path = os.path.abspath(os.path.expanduser(init))
+        state = train_setup.with_torchvision_backbone(train_setup.initial_state(config), path)
+        source["init_file"] = {"path": path, **safetensors_io.read_metadata(path)}
+        logging.info("Evaluating the weights of %s (ResNet-%d width %d).", path, config.model.depth,
+                     config.model.width)
     else:
         if init == PRETRAINED:
             directory, step = workdir_lib.checkpoints_dir(workdir), None

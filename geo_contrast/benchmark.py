@@ -93,8 +93,9 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
     local = jax.local_device_count()
     host_batch = {
         "query": rng.integers(0, 256, (local, per_device, size, size, 3), np.uint8),
-        "key": rng.integers(0, 256, (local, per_device, size, size, 3), np.uint8),
         "geo_label": rng.integers(0, config.geo.num_clusters, (local, per_device)).astype(np.int32)}
+    if config_lib.uses_contrastive_loss(config.variant):
+        host_batch["key"] = rng.integers(0, 256, (local, per_device, size, size, 3), np.uint8)
     no_stop = np.zeros(local, np.int32)
     if feed == "host":  # A fresh host-to-device copy per step, overlapped as the training loop overlaps it.
         batches = devices.shard(itertools.repeat(host_batch), config.input.prefetch_batches)
@@ -103,7 +104,9 @@ def bench_step(config, steps, warmup, feed="device", donate=True):
     t0 = time.perf_counter()
     compiled = p_step.lower(state, next(batches), no_stop).compile()
     compile_s = time.perf_counter() - t0
-    flops_per_pair = 4 * encoder_forward_flops(model.encoder, state, size)
+    # Query forward + backward ~ 3 forwards, and the key's forward where there is a key encoder.
+    passes = 4 if config_lib.uses_contrastive_loss(config.variant) else 3
+    flops_per_pair = passes * encoder_forward_flops(model.encoder, state, size)
     for _ in range(warmup):
         state, _, _ = compiled(state, next(batches), no_stop)
     jax.block_until_ready(state)
@@ -136,7 +139,8 @@ def bench_input(config, steps, warmup, workdir):
     ds = input_pipeline.pretrain_dataset(
         builder, config.dataset.train_split, index, temporal=config_lib.uses_temporal_positives(config.variant),
         views=input_pipeline.Views.of_config(config), global_batch=config.input.global_batch,
-        host=input_pipeline.HostSlice.of_this_process(), seed=config.seed, start_step=0)
+        host=input_pipeline.HostSlice.of_this_process(), seed=config.seed, start_step=0,
+        keys=config_lib.uses_contrastive_loss(config.variant))
     it = ds.as_numpy_iterator()
     for _ in range(warmup):
         next(it)

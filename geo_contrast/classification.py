@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 
 from geo_contrast import eval_metrics
 
@@ -24,6 +25,12 @@ _HEAD_KERNEL_INIT = nn.initializers.normal(stddev=0.01)
 def head(num_classes):
     """main_lincls.py's new fc: Linear(feature_dim, num_classes), weight N(0, 0.01), bias 0."""
     return nn.Dense(num_classes, kernel_init=_HEAD_KERNEL_INIT, bias_init=nn.initializers.zeros, name="fc")
+
+
+def sgd_direction(momentum, weight_decay):
+    """torch.optim.SGD without the lr: decay added to the gradient, then the momentum buffer. The step multiplies
+    by the lr itself, so the lr can change per epoch (epoch_learning_rate) without recompiling the step."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum))
 
 
 def epoch_learning_rate(epoch, *, peak, num_epochs, schedule, decay_epochs):

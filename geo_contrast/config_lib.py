@@ -5,19 +5,25 @@ describes a whole family of runs and a command line names the run exactly. Valid
 the trainer, so a bad value is refused before any data is read or any device is touched.
 """
 
+import os
+
 import ml_collections
+
+from geo_contrast import safetensors_io
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
-# Which losses each variant turns on: (temporal positives, geo-location classification).
+# What each variant turns on: (temporal positives, geo-location classification, MoCo's contrastive loss).
+# geo_only is Table 1's "geo-location classification only": the query encoder and the geo head, nothing else.
 VARIANTS = {
-    "moco": (False, False),
-    "tp": (True, False),
-    "geo": (False, True),
-    "geo_tp": (True, True),
+    "moco": (False, False, True),
+    "tp": (True, False, True),
+    "geo": (False, True, True),
+    "geo_tp": (True, True, True),
+    "geo_only": (False, True, False),
 }
 
 
@@ -50,6 +56,10 @@ def uses_geo_loss(variant):
     return _variant(variant)[1]
 
 
+def uses_contrastive_loss(variant):
+    return _variant(variant)[2]
+
+
 def _variant(variant):
     if variant not in VARIANTS:
         raise ConfigError(
@@ -59,7 +69,7 @@ def _variant(variant):
     return VARIANTS[variant]
 
 
-STAGES = ("pretrain", "linear_eval")
+STAGES = ("pretrain", "linear_eval", "finetune")
 # augment.REGIONS, repeated here so that validating a config needs no TensorFlow (a test keeps the two equal).
 REGIONS = ("whole", "center_square", "box_square")
 LINEAR_EVAL_SCHEDULES = ("step", "cosine")
@@ -92,35 +102,59 @@ def validate(config, *, num_devices, num_local_devices, stages=None):
         _validate_pretrain(config, num_devices)
     if "linear_eval" in names:
         _validate_linear_eval(config.linear_eval, num_local_devices)
+    if "finetune" in names:
+        _validate_finetune(config.finetune, num_devices, num_local_devices)
+
+
+def _nearest(value, ok, limit=1 << 20):
+    """The positive integer closest to `value` (the smaller on ties) for which `ok` holds; None below `limit`."""
+    for distance in range(limit):
+        for candidate in (value - distance, value + distance):
+            if 0 < candidate < limit and ok(candidate):
+                return candidate
+    return None
 
 
 def _validate_pretrain(config, num_devices):
+    """The pretraining checks; every suggested value passes all of them (the others' values held fixed)."""
     if not config.dataset.name:
         raise ConfigError("config.dataset.name is empty; use a built TFDS dataset such as fmow.")
-    batch = config.input.global_batch
+    if config.init_from:
+        _validate_weights_file("config.init_from", config.init_from)
+    contrastive = uses_contrastive_loss(config.variant)
+    batch, groups, queue = config.input.global_batch, config.moco.bn_groups, config.moco.queue_size
+    # Shuffle BN needs two BN groups in all (a query and its key must never share statistics); whole batches
+    # are enqueued, so the queue holds a whole number of them.
+    min_groups = 2 if contrastive else 1
+
+    def batch_ok(b):
+        return (b % num_devices == 0 and (b // num_devices) % max(groups, 1) == 0
+                and (not contrastive or queue % b == 0))
+
+    def groups_ok(g):
+        return (batch // num_devices) % g == 0 and num_devices * g >= min_groups
+
     if batch <= 0 or batch % num_devices:
         raise ConfigError(
             f"config.input.global_batch={batch} must be a positive multiple of the device count ({num_devices}); "
-            f"use e.g. --config.input.global_batch={max(num_devices, batch - batch % num_devices)}."
-        )
+            f"use e.g. --config.input.global_batch={_nearest(max(batch, 1), batch_ok)}.")
     per_device = batch // num_devices
-    groups = config.moco.bn_groups
-    if groups <= 0 or per_device % groups:
+    if groups <= 0 or per_device % groups or num_devices * groups < min_groups:
+        fix = _nearest(max(groups, 1), groups_ok, limit=per_device + 1)
+        fix = f"--config.moco.bn_groups={fix}" if fix else (
+            f"--config.input.global_batch={2 * batch} --config.moco.bn_groups=2")
         raise ConfigError(
             f"config.moco.bn_groups={groups} must divide the per-device batch ({per_device} = global_batch "
-            f"{batch} / {num_devices} devices); use e.g. --config.moco.bn_groups=1."
-        )
-    if num_devices * groups < 2:
-        raise ConfigError(
-            "Shuffle BN needs at least two BN groups in all: with one device set --config.moco.bn_groups=2 or more "
-            "(a query and its key must never share BN statistics)."
-        )
-    queue = config.moco.queue_size
+            f"{batch} / {num_devices} devices)" + (
+                ", and shuffle BN needs at least two BN groups in all (a query and its key must never share BN "
+                "statistics)" if contrastive else "") + f"; use e.g. {fix}.")
+    if not contrastive:
+        return _validate_training(config)
     if queue <= 0 or queue % batch:
         raise ConfigError(
             f"config.moco.queue_size={queue} must be a positive multiple of config.input.global_batch={batch} "
-            f"(whole batches are enqueued); use e.g. --config.moco.queue_size={max(batch, queue - queue % batch)}."
-        )
+            "(whole batches are enqueued); use e.g. "
+            f"--config.moco.queue_size={max(batch, queue - queue % batch)}.")
     if not config.moco.temperature > 0:
         raise ConfigError(
             f"config.moco.temperature={config.moco.temperature} must be > 0; use e.g. "
@@ -128,6 +162,11 @@ def _validate_pretrain(config, num_devices):
         )
     if not 0 <= config.moco.momentum < 1:
         raise ConfigError(f"config.moco.momentum={config.moco.momentum} must be in [0, 1); MoCo uses 0.999.")
+    _validate_training(config)
+
+
+def _validate_training(config):
+    """The checks of every variant: geo clusters, optimisation, crops, logging."""
     if uses_geo_loss(config.variant) and config.geo.num_clusters < 2:
         raise ConfigError(
             f"config.geo.num_clusters={config.geo.num_clusters} must be >= 2 for variant {config.variant!r}."
@@ -166,9 +205,43 @@ def _validate_linear_eval(lc, num_local_devices):
     if not 0 < lc.image_size <= lc.resize_size:
         raise ConfigError(f"config.linear_eval: need 0 < image_size ({lc.image_size}) <= resize_size "
                           f"({lc.resize_size}).")
-    if not lc.init:
-        raise ConfigError("config.linear_eval.init is empty; use 'pretrained', 'random' or a checkpoint path.")
+    _validate_init("config.linear_eval.init", lc.init)
     _validate_region("config.linear_eval", lc)
+
+
+def _validate_finetune(fc, num_devices, num_local_devices):
+    if fc.num_epochs <= 0 or fc.base_lr <= 0:
+        raise ConfigError(f"config.finetune.num_epochs={fc.num_epochs} and config.finetune.base_lr={fc.base_lr} "
+                          "must both be > 0.")
+    if fc.global_batch <= 0 or fc.global_batch % num_devices or fc.global_batch % num_local_devices:
+        fix = _nearest(max(fc.global_batch, 1), lambda b: b % num_devices == 0 and b % num_local_devices == 0)
+        raise ConfigError(f"config.finetune.global_batch={fc.global_batch} must be a positive multiple of the "
+                          f"device count ({num_devices}); use e.g. --config.finetune.global_batch={fix}.")
+    if not 0 < fc.crop_scale[0] <= fc.crop_scale[1] <= 1:
+        raise ConfigError(f"config.finetune.crop_scale={tuple(fc.crop_scale)} must satisfy 0 < min <= max <= 1.")
+    if not 0 < fc.image_size <= fc.resize_size:
+        raise ConfigError(f"config.finetune: need 0 < image_size ({fc.image_size}) <= resize_size "
+                          f"({fc.resize_size}).")
+    _validate_init("config.finetune.init", fc.init)
+    _validate_region("config.finetune", fc)
+
+
+def _validate_init(field, init):
+    """An evaluation's init: "pretrained", "random", a checkpoint directory or a readable .safetensors file."""
+    if init in ("pretrained", "random") or os.path.isdir(os.path.expanduser(init)):
+        return
+    if init.endswith(".safetensors"):
+        _validate_weights_file(field, init)
+        return
+    raise ConfigError(f"{field}={init!r} is not 'pretrained', 'random', a checkpoint directory or a .safetensors "
+                      "file (python -m geo_contrast.convert makes one from a PyTorch checkpoint).")
+
+
+def _validate_weights_file(field, path):
+    try:
+        safetensors_io.read_metadata(os.path.expanduser(path))
+    except ValueError as e:
+        raise ConfigError(f"{field}={path!r}: {e}") from e
 
 
 def _validate_region(name, section):

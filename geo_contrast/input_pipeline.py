@@ -142,40 +142,70 @@ def _read_locations(builder, split, chunks):
     return tf.data.Dataset.from_generator(with_records, output_signature=signature).unbatch()
 
 
-def pretrain_dataset(builder, split, index, *, temporal, views, global_batch, host, seed, start_step):
-    """Infinite batches {"query","key": [local devices, per_device, S, S, 3] uint8, "coordinates"} of `host`'s
-    rows of the global batches (see the module docstring), starting at global step `start_step`. The pixels are
-    standardised on the accelerator (`pixels.standardize`): uint8 is a quarter of float32's bytes to copy.
-
-    `index` is the split's `records.read_location_index`; `views` (a `Views`) cuts the query and key crops.
-    """
+def _training_stream(builder, split, index, element_fn, *, global_batch, host, seed, start_step):
+    """Infinite batches of `host`'s rows of the global stream (see the module docstring) from global step
+    `start_step` on, each row `element_fn(location, time, seeds)` of the location read for a stream position (its
+    parsed record, records.LocationParser), the image's index in it and three independent seeds drawn from
+    (seed, position); every leaf laid out [local devices, per_device, ...] for pmap."""
     rows = global_batch // host.process_count  # Whole: config_lib.validate checks the device count divides it.
     per_device = rows // host.local_devices
     parse = records.LocationParser(builder)
     stream = _read_locations(builder, split, stream_positions(
         index, seed=seed, global_batch=global_batch, host=host, start=start_step * global_batch))
 
-    def pair(element):
-        location = parse(element["serialized"])
-        query_seed, key_seed, choice_seed = tf.unstack(tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), element["position"]), 3))
-        num_images = tf.shape(location["images"], out_type=tf.int64)[0]
-        t = element["time"]
-        key_t = sample_key_index(t, num_images, choice_seed, temporal)
-        return {"query": views(location["images"][t], location["boxes"][t], query_seed),
-                "key": views(location["images"][key_t], location["boxes"][key_t], key_seed),
-                "coordinates": location["coordinates"]}
+    def element(e):
+        seeds = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(tf.constant([seed, 7], tf.int64), e["position"]), 3))
+        return element_fn(parse(e["serialized"]), e["time"], seeds)
 
     options = tf.data.Options()
     options.deterministic = True
     options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
     options.autotune.ram_budget = 4 * 1024**3
-    stream = stream.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    stream = stream.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     stream = stream.batch(rows, drop_remainder=True)
     stream = stream.map(
         lambda b: {k: tf.reshape(x, [host.local_devices, per_device] + x.shape[1:].as_list()) for k, x in b.items()}
     )
     return stream.with_options(options).prefetch(2)
+
+
+def pretrain_dataset(builder, split, index, *, temporal, views, global_batch, host, seed, start_step, keys=True):
+    """Infinite batches {"query","key": [local devices, per_device, S, S, 3] uint8, "coordinates"} of `host`'s
+    rows of the global batches (see the module docstring), starting at global step `start_step`. The pixels are
+    standardised on the accelerator (`pixels.standardize`): uint8 is a quarter of float32's bytes to copy.
+
+    `index` is the split's `records.read_location_index`; `views` (a `Views`) cuts the query and key crops;
+    `keys=False` (no contrastive loss) cuts no key at all.
+    """
+
+    def pair(location, t, seeds):
+        query_seed, key_seed, choice_seed = seeds
+        pair = {"query": views(location["images"][t], location["boxes"][t], query_seed),
+                "coordinates": location["coordinates"]}
+        if keys:
+            key_t = sample_key_index(t, tf.shape(location["images"], out_type=tf.int64)[0], choice_seed, temporal)
+            pair["key"] = views(location["images"][key_t], location["boxes"][key_t], key_seed)
+        return pair
+
+    return _training_stream(builder, split, index, pair, global_batch=global_batch, host=host, seed=seed,
+                            start_step=start_step)
+
+
+def supervised_dataset(builder, split, index, *, size, scale, region, box_context, global_batch, host, seed,
+                       start_step):
+    """Infinite batches {"image": [local devices, per_device, S, S, 3] uint8, "label"} of `host`'s rows of the
+    global batches from `start_step` on, for fine-tuning: each image a RandomResizedCrop of `scale` of its
+    `region` and a horizontal flip half the time (torchvision's classification training views)."""
+
+    def labelled(location, t, seeds):
+        crop_seed, flip_seed, _ = seeds
+        image = augment.supervised_view(location["images"][t], crop_seed, flip_seed, size, scale, region=region,
+                                        box=location["boxes"][t], box_context=box_context)
+        return {"image": image, "label": location["label"]}
+
+    return _training_stream(builder, split, index, labelled, global_batch=global_batch, host=host, seed=seed,
+                            start_step=start_step)
 
 
 def with_geo_labels(batches, centroids):

@@ -25,9 +25,7 @@ work is small next to pretraining and needs no cross-host traffic; the results a
 writes them.
 """
 
-import dataclasses
 import functools
-import time
 from typing import Any
 
 import flax
@@ -35,17 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from jax import lax
 
 from geo_contrast import backbones
 from geo_contrast import classification
 from geo_contrast import config_lib
 from geo_contrast import devices
+from geo_contrast import evaluation
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
 from geo_contrast import records
 from geo_contrast import results
+from geo_contrast import workdir as workdir_lib
 
 
 def backbone_features(module, variables, images):
@@ -60,40 +59,9 @@ _p_features = devices.pmap(backbone_features, local=True, static_broadcasted_arg
 # Features of a split, extracted once
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitFeatures(classification.Split):
-    features: np.ndarray  # [N, F] float32, eval transform.
-
-
 def extract_split(module, variables, builder, split, lc):
-    """Features of every image of `split` under the eval transform; `variables` already replicated."""
-    start = time.monotonic()
-    features, labels, locations = [], [], []
-
-    def collect(pending):
-        out, batch = pending
-        n = int(batch["weight"].sum())  # Padding is only ever at the end of a batch.
-        features.append(np.asarray(out).reshape((-1,) + out.shape[2:])[:n])
-        labels.append(batch["label"][:n])
-        locations.append(batch["location"][:n])
-
-    pending = None
-    batches = input_pipeline.eval_batches(builder, split, image_size=lc.image_size, resize_size=lc.resize_size,
-                                          batch_size=lc.global_batch, region=lc.region,
-                                          box_context=lc.box_context)
-    for batch in batches:
-        out = _p_features(module, variables, devices.split_rows(batch["image"], jax.local_device_count()))
-        if pending is not None:  # Fetch the previous batch while this one computes.
-            collect(pending)
-        pending = (out, batch)
-    if pending is None:
-        raise ValueError(f"Split {split!r} of {builder.info.full_name} has no images.")
-    collect(pending)
-    data = SplitFeatures(split, labels=np.concatenate(labels).astype(np.int64),
-                         locations=np.concatenate(locations).astype(np.int64), features=np.concatenate(features))
-    logging.info("Extracted %s features of %d %s images in %.0f s.", data.features.shape[1:], len(data.labels),
-                 split, time.monotonic() - start)
-    return data
+    """Features of every image of `split` under the eval transform (`.outputs`); `variables` replicated."""
+    return evaluation.forward_split(functools.partial(_p_features, module), variables, builder, split, lc)
 
 
 def feature_batches(features, labels, batch_size, *, seed, epoch):
@@ -115,16 +83,10 @@ class ProbeState:
     opt_state: Any  # SGD momentum buffer.
 
 
-def _sgd(momentum, weight_decay):
-    """torch.optim.SGD without the lr: decay added to the gradient, then the momentum buffer (lr applied in
-    the step, so it can change per epoch without recompiling)."""
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum))
-
-
 def init_probe_state(backbone_variables, head, feature_dim, *, seed, momentum, weight_decay):
     params = head.init(jax.random.PRNGKey(seed), jnp.zeros((1, feature_dim)))["params"]
     return ProbeState(backbone=backbone_variables, head=params,
-                      opt_state=_sgd(momentum, weight_decay).init(params))
+                      opt_state=classification.sgd_direction(momentum, weight_decay).init(params))
 
 
 def probe_step(state, batch, lr, backbone, head, momentum, weight_decay):
@@ -148,7 +110,8 @@ def probe_step(state, batch, lr, backbone, head, momentum, weight_decay):
 
     loss, grads = jax.value_and_grad(loss_fn)(state.head)
     grads = lax.psum(grads, devices.AXIS)
-    updates, opt_state = _sgd(momentum, weight_decay).update(grads, state.opt_state, state.head)
+    sgd = classification.sgd_direction(momentum, weight_decay)
+    updates, opt_state = sgd.update(grads, state.opt_state, state.head)
     params = jax.tree.map(lambda p, u: p - lr * u, state.head, updates)
     return state.replace(head=params, opt_state=opt_state), lax.psum(loss, devices.AXIS)
 
@@ -158,7 +121,7 @@ _p_probe_step = devices.pmap(probe_step, local=True, static_broadcasted_argnums=
 
 def evaluate_split(head, params, split, class_names):
     """Every reported metric of the classifier `params` (host arrays) on the extracted `split`."""
-    return classification.report(classification.head_logits(head, params, split.features), split, class_names)
+    return classification.report(classification.head_logits(head, params, split.outputs), split, class_names)
 
 
 def train_classifier(state, epoch_batches, val, class_names, *, lc, head, backbone, writer, name):
@@ -213,7 +176,7 @@ def evaluate(config, workdir):
     if lc.cache_features:
         train = extract(config.dataset.train_split)
         step_backbone = None
-        epoch_batches = functools.partial(feature_batches, train.features, train.labels, lc.global_batch,
+        epoch_batches = functools.partial(feature_batches, train.outputs, train.labels, lc.global_batch,
                                           seed=config.seed)
     else:
         step_backbone = backbone.module
@@ -227,7 +190,8 @@ def evaluate(config, workdir):
                              momentum=lc.momentum, weight_decay=lc.weight_decay)
     state = devices.replicate(state)
     # A probe is never resumed: a rerun trains from epoch 1 and replaces the earlier run's per-epoch rows.
-    writer = metric_writer.MetricWriter(workdir, prefix=f"linear_eval_{results.slug(key)}_", resume_step=0)
+    writer = metric_writer.MetricWriter(workdir, prefix=workdir_lib.stage_prefix("linear_eval", key),
+                                        resume_step=0)
     try:
         _, best = train_classifier(state, lambda epoch: epoch_batches(epoch=epoch), val, class_names, lc=lc,
                                    head=head, backbone=step_backbone, writer=writer, name=key)

@@ -194,17 +194,22 @@ def save(fig: Figure, path: str) -> str:
 
 
 def write_per_class(plots_dir: str, all_results: dict) -> list:
-    """One PNG per (linear evaluation, split, per-class metric) of a results.json's contents."""
+    """One PNG per (evaluation stage, init, split, per-class metric) of a results.json's contents:
+    per_class_f1_<init>_<split>.png for the linear probe, per_class_f1_finetune_<init>_<split>.png for
+    fine-tuning."""
     written = []
-    for key, entry in sorted(all_results.get("linear_eval", {}).items()):
-        for split, report in sorted(entry["splits"].items()):
-            for field in sorted(f for f in report if f.startswith(PER_CLASS_PREFIX)):
-                metric = field[len(PER_CLASS_PREFIX):]
-                label = _METRIC_TITLES.get(metric, metric.replace("_", " "))
-                title = (f"{key} ({entry.get('variant') or 'no pretraining'}, {entry['backbone']}): per-class {label}"
-                         f" on {split}, {len(report[field])} classes")
-                path = os.path.join(plots_dir, f"{field}_{results.slug(key)}_{split}.png")
-                written.append(save(per_class_figure(report[field], title, label), path))
+    for stage in results.STAGES:
+        what = "" if stage == "linear_eval" else "fine-tuned, "
+        for key, entry in sorted(all_results.get(stage, {}).items()):
+            name = workdir_lib.slug(key) if stage == "linear_eval" else f"finetune_{workdir_lib.slug(key)}"
+            for split, report in sorted(entry["splits"].items()):
+                for field in sorted(f for f in report if f.startswith(PER_CLASS_PREFIX)):
+                    metric = field[len(PER_CLASS_PREFIX):]
+                    label = _METRIC_TITLES.get(metric, metric.replace("_", " "))
+                    title = (f"{key} ({what}{entry.get('variant') or 'no pretraining'}, {entry['backbone']}): "
+                             f"per-class {label} on {split}, {len(report[field])} classes")
+                    path = os.path.join(plots_dir, f"{field}_{name}_{split}.png")
+                    written.append(save(per_class_figure(report[field], title, label), path))
     return written
 
 

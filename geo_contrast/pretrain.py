@@ -27,7 +27,6 @@ import json
 import os
 
 import jax
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -39,12 +38,9 @@ from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
 from geo_contrast import preemption
 from geo_contrast import records
+from geo_contrast import train_loop
 from geo_contrast import train_setup
 from geo_contrast import workdir as workdir_lib
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 def fit_or_load_clusters(config, workdir, train_index):
@@ -115,7 +111,8 @@ def _pretrain(config, workdir, stop):
     data = input_pipeline.pretrain_dataset(
         builder, config.dataset.train_split, train_index,
         temporal=config_lib.uses_temporal_positives(config.variant), views=input_pipeline.Views.of_config(config),
-        global_batch=global_batch, host=host, seed=config.seed, start_step=start_step)
+        global_batch=global_batch, host=host, seed=config.seed, start_step=start_step,
+        keys=config_lib.uses_contrastive_loss(config.variant))
     batches = devices.shard(input_pipeline.with_geo_labels(data.as_numpy_iterator(), centroids),
                             config.input.prefetch_batches)
 
@@ -123,52 +120,12 @@ def _pretrain(config, workdir, stop):
             "steps_per_epoch": steps_per_epoch, "train_images": total_images}
     writer = metric_writer.MetricWriter(workdir, resume_step=start_step)
     progress = metric_writer.Progress(total_steps, global_batch, start_step)
-    state = devices.replicate(state)
-    pending = []  # Device-side metrics of steps not yet fetched: no host sync inside an interval.
-    previous_votes = None
-    stopped_by = None
-    step = start_step
     logging.info("Pretraining %s: %d images, %d steps/epoch, %d steps, global batch %d on %d devices of %d "
                  "processes.", config.variant, total_images, steps_per_epoch, total_steps, global_batch,
                  jax.device_count(), jax.process_count())
-    try:
-        while step < total_steps:
-            vote = np.full(host.local_devices, stop.requested is not None, np.int32)
-            state, metrics, votes = p_step(state, next(batches), vote)
-            step += 1
-            pending.append((step, metrics))
-            # The previous step's votes: waits for that step only, while this one is already queued.
-            if previous_votes is not None and devices.unreplicate(previous_votes) > 0:
-                stopped_by = stop.requested or "a signal to another process"
-            previous_votes = votes
-            checkpoint = (step % config.checkpoint_every_steps == 0 or step == total_steps
-                          or stopped_by is not None)
-            if checkpoint or step % config.log_every_steps == 0:
-                _flush_metrics(pending, writer, progress)
-                pending = []
-            if checkpoint:
-                checkpointing.save(mngr, step, devices.unreplicate(state), meta)
-            if stopped_by is not None:
-                break
-        checkpointing.wait(mngr)
-    finally:
-        writer.close()
-    if stopped_by is not None:
-        print(f"Stopped by {stopped_by} at step {step}; checkpoint saved in {mngr.directory}. Run the same "
-              "command to resume.", flush=True)
+    step, stopped_by = train_loop.train(
+        p_step, devices.replicate(state), batches, mngr=mngr, writer=writer, start_step=start_step,
+        end_step=total_steps, stop=stop, progress=progress, log_every=config.log_every_steps,
+        checkpoint_every=config.checkpoint_every_steps,
+        save=lambda step, state: checkpointing.save(mngr, step, devices.unreplicate(state), meta))
     return Outcome(step, total_steps, stopped_by)
-
-
-def _flush_metrics(pending, writer, progress):
-    """Fetches the interval's metrics, stops on a non-finite loss, writes them; process 0 prints progress."""
-    fetched = jax.device_get([m for _, m in pending])
-    for (step, _), metrics in zip(pending, fetched):
-        metrics = devices.unreplicate(metrics)
-        if not np.isfinite(metrics["loss"]):
-            raise NonFiniteLossError(
-                f"Loss is {metrics['loss']} at step {step}; stopping. The last checkpoint (before this "
-                "interval) is intact: lower the learning rate or check the data, then rerun to resume.")
-        writer.write(step, metrics)
-    if jax.process_index() == 0:
-        last_step = pending[-1][0]
-        print(progress.line(last_step, float(devices.unreplicate(fetched[-1])["loss"])), flush=True)

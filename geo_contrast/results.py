@@ -1,28 +1,24 @@
-"""WORKDIR/results.json and WORKDIR/results.md: the linear-evaluation results of a run, one entry per init.
+"""WORKDIR/results.json and WORKDIR/results.md: a run's evaluations, one entry per (stage, init).
 
-Every linear evaluation updates its own entry (`{"linear_eval": {key: entry}}`, key "pretrained", "random" or
-a checkpoint path) and rewrites both files from the merged JSON, so evaluating init=random after
-init=pretrained in the same workdir keeps both and the markdown shows the margin of each pretrained backbone
-over the random one: the floor that says how much pretraining bought. Both files are replaced atomically.
+Every evaluation updates its own entry (`{"linear_eval": {key: entry}, "finetune": {key: entry}}`, key
+"pretrained", "random", a checkpoint path or a weights file) and rewrites both files from the merged JSON, so
+the probe and the fine-tuning of each init, and the random init beside the pretrained one, all stay side by side:
+results.md shows each init's frozen and fine-tuned numbers as two columns, and the margin of each init over the
+random one, the floor that says how much pretraining bought. Both files are replaced atomically.
 """
 
 import json
 import os
-import re
 
 from geo_contrast import workdir as workdir_lib
 
 RANDOM = "random"
+STAGES = ("linear_eval", "finetune")  # The column order of results.md: frozen, then fine-tuned.
 _SPLIT_ORDER = ("train", "val", "test")
 
 # (entry key, column title) of the metrics in the markdown table, all fractions shown as percentages.
 _COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("macro_f1", "macro-F1"),
             ("location_top1", "location top-1"), ("location_macro_f1", "location macro-F1"))
-
-
-def slug(key):
-    """A file-name-safe form of a results key ("pretrained", "random" or a checkpoint path)."""
-    return re.sub(r"[^0-9A-Za-z]+", "_", key).strip("_")
 
 
 def load(workdir):
@@ -37,58 +33,77 @@ def load(workdir):
         raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a fresh one.") from e
 
 
-def update(workdir, key, entry):
-    """Stores `entry` under results["linear_eval"][key], rewrites results.json and results.md; returns the
-    markdown."""
+def update(workdir, key, entry, stage="linear_eval"):
+    """Stores `entry` under results[stage][key] (stage: one of STAGES), rewrites results.json and results.md;
+    returns the markdown."""
     all_results = load(workdir)
-    all_results.setdefault("linear_eval", {})[key] = entry
-    markdown = render_markdown(all_results["linear_eval"])
+    all_results.setdefault(stage, {})[key] = entry
+    markdown = render_markdown(all_results)
     json_path, markdown_path = workdir_lib.results_paths(workdir)
     _write_atomic(json_path, json.dumps(all_results, indent=2, sort_keys=True) + "\n")
     _write_atomic(markdown_path, markdown)
     return markdown
 
 
-def render_markdown(entries):
-    """One table row per (init, split), then one margin row per (non-random init, split) over random."""
-    keys = sorted(entries, key=lambda k: (k == RANDOM, k != "pretrained", k))
-    header = ["init", "variant", "pretraining steps", "backbone", "selected epoch", "split"]
-    header += [title for _, title in _COLUMNS]
+def _steps(entry):
+    return "-" if entry.get("pretrain_step") is None else (
+        f"{entry['pretrain_step']}/{entry.get('pretrain_total_steps') or '?'}")
+
+
+def _cell(entry, split, name):
+    metrics = (entry or {}).get("splits", {}).get(split)
+    return "-" if metrics is None else f"{100 * metrics[name]:.2f}"
+
+
+def render_markdown(all_results):
+    """One row per (init, split) with, for each metric, the frozen (linear probe) and the fine-tuned column, then
+    one margin row per (non-random init, split) over the random init."""
+    by_stage = {stage: all_results.get(stage, {}) for stage in STAGES}
+    keys = sorted({k for entries in by_stage.values() for k in entries},
+                  key=lambda k: (k == RANDOM, k != "pretrained", k))
+    header = ["init", "variant", "pretraining steps", "backbone", "selected epoch (frozen / fine-tuned)", "split"]
+    header += [f"{title} {label}" for _, title in _COLUMNS for label in ("frozen", "fine-tuned")]
     lines = [
-        "# Linear evaluation",
+        "# Results",
         "",
-        "Frozen backbone, linear classifier; the epoch is selected on val top-1 and test (when the dataset has",
-        "it) is evaluated once with that epoch's classifier. Location metrics sum the softmax over all images",
-        "of a location (the paper's Table 2). Percentages.",
+        "Frozen: the linear probe on the frozen backbone; fine-tuned: the backbone and a new linear classifier",
+        "trained together. Each selects its epoch on val top-1 and evaluates test (when the dataset has it) once",
+        "with it. Location metrics sum the softmax over all images of a location (the paper's Table 2).",
+        "Percentages; '-': not run.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for key in keys:
-        entry = entries[key]
-        steps = "-" if entry.get("pretrain_step") is None else (
-            f"{entry['pretrain_step']}/{entry.get('pretrain_total_steps') or '?'}")
-        cells = [key, entry.get("variant") or "-", steps, entry["backbone"],
-                 f"{entry['selected_epoch']}/{entry['num_epochs']}"]
-        for split, metrics in _ordered_splits(entry["splits"]):
-            values = [f"{100 * metrics[name]:.2f}" for name, _ in _COLUMNS]
+        entries = [by_stage[stage].get(key) for stage in STAGES]
+        first = next(e for e in entries if e is not None)
+        epochs = " / ".join(f"{e['selected_epoch']}/{e['num_epochs']}" if e else "-" for e in entries)
+        cells = [key, first.get("variant") or "-", _steps(first), first["backbone"], epochs]
+        for split in _ordered_splits({s for e in entries if e for s in e["splits"]}):
+            values = [_cell(e, split, name) for name, _ in _COLUMNS for e in entries]
             lines.append("| " + " | ".join(cells + [split] + values) + " |")
-    if RANDOM in entries:
-        floor = entries[RANDOM]["splits"]
-        for key in keys:
-            if key == RANDOM:
-                continue
-            for split, metrics in _ordered_splits(entries[key]["splits"]):
-                if split in floor:
-                    margins = [f"{100 * (metrics[name] - floor[split][name]):+.2f}" for name, _ in _COLUMNS]
-                    lines.append("| " + " | ".join([f"{key} - random"] + [""] * 4 + [split] + margins) + " |")
+    for key in keys:
+        if key == RANDOM:
+            continue
+        entries = [by_stage[stage].get(key) for stage in STAGES]
+        floors = [by_stage[stage].get(RANDOM) for stage in STAGES]
+        for split in _ordered_splits({s for e in entries if e for s in e["splits"]}):
+            margins = [_margin(e, f, split, name) for name, _ in _COLUMNS for e, f in zip(entries, floors)]
+            if any(m != "-" for m in margins):
+                lines.append("| " + " | ".join([f"{key} - random"] + [""] * 4 + [split] + margins) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _margin(entry, floor, split, name):
+    if entry is None or floor is None or split not in entry["splits"] or split not in floor["splits"]:
+        return "-"
+    return f"{100 * (entry['splits'][split][name] - floor['splits'][split][name]):+.2f}"
+
+
 def _ordered_splits(splits):
-    """(split, metrics) pairs in train, val, test order (results.json stores them sorted by name)."""
-    return sorted(splits.items(), key=lambda item: (
-        _SPLIT_ORDER.index(item[0]) if item[0] in _SPLIT_ORDER else len(_SPLIT_ORDER), item[0]))
+    """The split names in train, val, test order, others after them by name."""
+    return sorted(splits, key=lambda split: (
+        _SPLIT_ORDER.index(split) if split in _SPLIT_ORDER else len(_SPLIT_ORDER), split))
 
 
 def _write_atomic(path, text):

@@ -1,4 +1,5 @@
-"""Writes safetensors files atomically, with the permissions of every other output. numpy and safetensors only.
+"""Writes safetensors files atomically, with the permissions of every other output, and reads their metadata.
+numpy and safetensors only.
 
 A module of its own so that tools which only write weights (convert.py) do not import JAX: the torchvision
 layout's own module (torchvision_layout.py, which re-exports `save_safetensors`) needs flax for its trees.
@@ -10,6 +11,7 @@ import os
 import secrets
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 # The "format" metadata of every file this project writes (export.py, convert.py): what a reader needs to know.
@@ -39,3 +41,17 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def read_metadata(path: str) -> dict:
+    """The string metadata of a safetensors file (its header only: cheap), or a ValueError that names the file
+    and says what is expected."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist or is not a file (expected a torchvision-layout .safetensors "
+                         "file: python -m geo_contrast.convert turns a PyTorch checkpoint into one).")
+    try:
+        with safe_open(path, "np") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); python -m geo_contrast.convert "
+                         "turns a PyTorch checkpoint into one.") from e

@@ -15,6 +15,7 @@ import optax
 from geo_contrast import config_lib
 from geo_contrast import devices
 from geo_contrast import torchvision_layout
+from geo_contrast import train_loop
 from geo_contrast import train_step as ts
 from geo_contrast.models import moco
 from geo_contrast.models import resnet
@@ -72,19 +73,23 @@ def build_model(config, steps_per_epoch, dtype=jnp.float32):
 
 
 def init_state(config, encoder, geo_head, tx, image_size, seed):
-    """A fresh TrainState: key encoder = query encoder, queue = random unit vectors."""
+    """A fresh TrainState: key encoder = query encoder, queue = random unit vectors (none of the two without
+    the contrastive loss)."""
     init_key, queue_key, step_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = encoder.init(init_key, dummy, train=False)
     params = {"encoder": variables["params"]}
     if geo_head is not None:
         params["geo_head"] = geo_head.init(init_key, jnp.zeros((1, config.model.projection_dim)))["params"]
+    state = ts.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"], key_params=None,
+        key_batch_stats=None, opt_state=tx.init(params), queue=None, queue_ptr=None, rng=step_key)
+    if not config_lib.uses_contrastive_loss(config.variant):
+        return state
     queue = jax.random.normal(queue_key, (config.moco.queue_size, config.model.projection_dim))
-    queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
-    return ts.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-        key_params=variables["params"], key_batch_stats=variables["batch_stats"], opt_state=tx.init(params),
-        queue=queue, queue_ptr=jnp.zeros((), jnp.int32), rng=step_key)
+    return state.replace(key_params=variables["params"], key_batch_stats=variables["batch_stats"],
+                         queue=queue / jnp.linalg.norm(queue, axis=1, keepdims=True),
+                         queue_ptr=jnp.zeros((), jnp.int32))
 
 
 def _init_fn(config, model):
@@ -105,8 +110,10 @@ def with_torchvision_backbone(state, path):
         path, state.params["encoder"]["backbone"], state.batch_stats["backbone"])
     encoder = {**state.params["encoder"], "backbone": backbone}
     batch_stats = {**state.batch_stats, "backbone": stats}
-    return state.replace(params={**state.params, "encoder": encoder}, batch_stats=batch_stats,
-                         key_params=encoder, key_batch_stats=batch_stats)
+    state = state.replace(params={**state.params, "encoder": encoder}, batch_stats=batch_stats)
+    if state.key_params is None:  # No key encoder (geo-location classification only).
+        return state
+    return state.replace(key_params=encoder, key_batch_stats=batch_stats)
 
 
 def initial_state(config, model=None):
@@ -130,15 +137,13 @@ def pmapped_step(config, model, *, donate=True):
     processes stop after the same step. The state's buffers are donated (`donate=False` only to measure that).
     """
 
-    def voting_step(state, batch, stop_vote):
-        state, metrics = ts.train_step(state, batch, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
-                                       lr_fn=model.lr_fn, cfg=step_config(config))
-        return state, metrics, jax.lax.psum(stop_vote, devices.AXIS)
-
-    return devices.pmap(voting_step, donate_argnums=(0,) if donate else ())
+    step = functools.partial(ts.train_step, encoder=model.encoder, geo_head=model.geo_head, tx=model.tx,
+                             lr_fn=model.lr_fn, cfg=step_config(config))
+    return devices.pmap(train_loop.with_stop_vote(step), donate_argnums=(0,) if donate else ())
 
 
 def step_config(config):
     return ts.StepConfig(temperature=config.moco.temperature, momentum=config.moco.momentum,
                          bn_groups=config.moco.bn_groups, infonce_weight=config.moco.infonce_weight,
-                         geo_weight=config.geo.loss_weight if config_lib.uses_geo_loss(config.variant) else 0.0)
+                         geo_weight=config.geo.loss_weight if config_lib.uses_geo_loss(config.variant) else 0.0,
+                         contrastive=config_lib.uses_contrastive_loss(config.variant))

@@ -35,11 +35,12 @@ class TrainState:
     step: jax.Array
     params: Any  # {"encoder": ..., "geo_head": ... (geo variants only)}
     batch_stats: Any  # The query encoder's BN running statistics.
+    # The contrastive variants' key encoder and queue (None for geo-location classification only):
     key_params: Any  # EMA of params["encoder"].
     key_batch_stats: Any  # The key encoder's own BN running statistics (never used to normalise: kept as MoCo's).
     opt_state: Any
-    queue: jax.Array  # [queue_size, dim] L2-normalised keys; row `queue_ptr` is the oldest.
-    queue_ptr: jax.Array  # int32 scalar.
+    queue: Any  # [queue_size, dim] L2-normalised keys; row `queue_ptr` is the oldest.
+    queue_ptr: Any  # int32 scalar.
     rng: jax.Array  # Base key of the per-step randomness (the shuffle-BN permutation).
 
 
@@ -52,6 +53,7 @@ class StepConfig:
     bn_groups: int = flax.struct.field(pytree_node=False)
     infonce_weight: float = flax.struct.field(pytree_node=False)
     geo_weight: float = flax.struct.field(pytree_node=False)  # 0 turns the geo loss off.
+    contrastive: bool = flax.struct.field(pytree_node=False, default=True)  # False: no key encoder, no queue.
 
 
 def ema_update(ema, new, momentum):
@@ -104,19 +106,20 @@ def shuffle_bn_keys(apply_fn, variables, key_images, perm, groups):
 def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
     """One MoCo update on this device's part of the global batch; see the module docstring.
 
-    batch: {"query": [b, H, W, 3] uint8, "key": [b, H, W, 3] uint8, "geo_label": [b] int32}.
+    batch: {"query": [b, H, W, 3] uint8, "key": [b, H, W, 3] uint8 (contrastive variants only), "geo_label":
+    [b] int32}. Without the contrastive loss (`cfg.contrastive` False: geo-location classification only) there
+    is no key encoder, no key and no queue, and none is computed.
     Returns (new state, metrics averaged over devices).
     """
-    query, key = pixels.standardize(batch["query"]), pixels.standardize(batch["key"])
-    b = query.shape[0]
-    num_global = b * lax.psum(1, AXIS)
-
-    key_params = ema_update(state.key_params, state.params["encoder"], cfg.momentum)
-    perm = jax.random.permutation(jax.random.fold_in(state.rng, state.step), num_global)
-    k, all_keys, key_batch_stats = shuffle_bn_keys(
-        encoder.apply, {"params": key_params, "batch_stats": state.key_batch_stats}, key, perm, cfg.bn_groups
-    )
-    k = lax.stop_gradient(k)
+    query = pixels.standardize(batch["query"])
+    if cfg.contrastive:
+        b = query.shape[0]
+        key_params = ema_update(state.key_params, state.params["encoder"], cfg.momentum)
+        perm = jax.random.permutation(jax.random.fold_in(state.rng, state.step), b * lax.psum(1, AXIS))
+        k, all_keys, key_batch_stats = shuffle_bn_keys(
+            encoder.apply, {"params": key_params, "batch_stats": state.key_batch_stats},
+            pixels.standardize(batch["key"]), perm, cfg.bn_groups)
+        k = lax.stop_gradient(k)
 
     def loss_fn(params):
         (_, projection), batch_stats = apply_in_groups(
@@ -126,9 +129,11 @@ def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
             cfg.bn_groups,
         )
         projection = projection.astype(jnp.float32)
-        nce, logits = losses.info_nce(losses.l2_normalize(projection), k, state.queue, cfg.temperature)
-        metrics = {"info_nce": nce, "contrastive_accuracy": losses.contrastive_accuracy(logits)}
-        loss = cfg.infonce_weight * nce
+        metrics, loss = {}, 0.0
+        if cfg.contrastive:
+            nce, logits = losses.info_nce(losses.l2_normalize(projection), k, state.queue, cfg.temperature)
+            metrics.update(info_nce=nce, contrastive_accuracy=losses.contrastive_accuracy(logits))
+            loss = cfg.infonce_weight * nce
         if cfg.geo_weight:
             geo_logits = geo_head.apply({"params": params["geo_head"]}, projection).astype(jnp.float32)
             geo_ce = losses.geo_cross_entropy(geo_logits, batch["geo_label"])
@@ -141,17 +146,12 @@ def train_step(state, batch, *, encoder, geo_head, tx, lr_fn, cfg):
     grads = lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    queue, queue_ptr = enqueue(state.queue, state.queue_ptr, all_keys)
     metrics = lax.pmean(metrics, AXIS)
     metrics["lr"] = lr_fn(state.step)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=lax.pmean(batch_stats, AXIS),
-        key_params=key_params,
-        key_batch_stats=lax.pmean(key_batch_stats, AXIS),
-        opt_state=opt_state,
-        queue=queue,
-        queue_ptr=queue_ptr,
-    )
-    return new_state, metrics
+    state = state.replace(step=state.step + 1, params=params, batch_stats=lax.pmean(batch_stats, AXIS),
+                          opt_state=opt_state)
+    if cfg.contrastive:
+        queue, queue_ptr = enqueue(state.queue, state.queue_ptr, all_keys)
+        state = state.replace(key_params=key_params, key_batch_stats=lax.pmean(key_batch_stats, AXIS),
+                              queue=queue, queue_ptr=queue_ptr)
+    return state, metrics

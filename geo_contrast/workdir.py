@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -52,6 +53,16 @@ def prepare(workdir):
         raise WorkdirError(f"Cannot use --workdir={workdir}: {e.strerror or e}. Choose a writable directory "
                            "(with several hosts, one they all see).") from e
     return workdir
+
+
+def slug(key):
+    """A file-name-safe form of a results key ("pretrained", "random", a checkpoint path or a weights file)."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", key).strip("_")
+
+
+def stage_prefix(stage, key):
+    """The prefix of an evaluation stage's files for one init: `linear_eval_random_`, `finetune_pretrained_`."""
+    return f"{stage}_{slug(key)}_"
 
 
 def checkpoints_dir(workdir):

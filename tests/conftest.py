@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny fMoW-format tree, generated and built once per test session."""
+"""Shared fixtures: a tiny fMoW-format tree, generated and built once per test session, and the environment of
+the command-line runs."""
+
+import os
 
 import pytest
 import tensorflow_datasets as tfds
@@ -15,3 +18,12 @@ def tiny_fmow(tmp_path_factory):
     builder = fmow_dataset_builder.Builder(data_dir=str(root / "data"))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root / "raw")))
     return str(root / "data"), str(root / "raw")
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """The environment of the tests that run the real command line: CPU, and a persistent XLA compilation cache
+    shared by all of them, so each model compiles once per test session."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")

@@ -34,8 +34,9 @@ def _config(**overrides):
     ({"moco.temperature": 0.0}, 1, "config.moco.temperature=0.0 must be > 0; use e.g. --config.moco.temperature=0.2"),
     ({"moco.temperature": -0.07}, 1, "config.moco.temperature=-0.07 must be > 0"),
     ({"variant": "simclr"}, 1,
-     "config.variant='simclr' is not a variant; choose one of ['geo', 'geo_tp', 'moco', 'tp']"),
-    ({"moco.bn_groups": 1}, 1, "with one device set --config.moco.bn_groups=2 or more"),
+     "config.variant='simclr' is not a variant; choose one of ['geo', 'geo_only', 'geo_tp', 'moco', 'tp']"),
+    ({"moco.bn_groups": 1}, 1, "shuffle BN needs at least two BN groups in all (a query and its key must never "
+                               "share BN statistics); use e.g. --config.moco.bn_groups=2."),
     ({"moco.bn_groups": 3}, 2, "config.moco.bn_groups=3 must divide the per-device batch (4 = global_batch 8 / 2"),
     ({"dataset.name": ""}, 1, "config.dataset.name is empty"),
     ({"input.prefetch_batches": 0}, 1, "config.input.prefetch_batches=0 must be >= 1"),
@@ -43,6 +44,41 @@ def _config(**overrides):
 def test_impossible_values_are_refused_with_the_field_and_the_fix(overrides, devices, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         config_lib.validate(_config(**overrides), num_devices=devices, num_local_devices=devices)
+
+
+# Each refused value with the suggestion of its message; the suggestion must pass every check.
+@pytest.mark.parametrize("overrides,devices", [
+    ({"input.global_batch": 10}, 4), ({"input.global_batch": 0}, 1), ({"input.global_batch": 12}, 1),
+    ({"input.global_batch": 6, "moco.queue_size": 64}, 2), ({"moco.bn_groups": 3}, 1), ({"moco.bn_groups": 3}, 2),
+    ({"moco.bn_groups": 1}, 1), ({"moco.bn_groups": 0}, 4), ({"moco.queue_size": 100}, 1),
+    ({"input.global_batch": 1, "moco.queue_size": 1}, 1),
+])
+def test_every_suggested_value_passes_validation(overrides, devices):
+    """Following each message's suggestion leads to a valid config, and a suggested value is never refused
+    afterwards (a later message may only be about another field, one the user had also set badly)."""
+    config = _config(**overrides)
+    fixed = set()
+    for _ in range(3):
+        try:
+            config_lib.validate(config, num_devices=devices, num_local_devices=devices)
+            return
+        except config_lib.ConfigError as error:
+            message = str(error)
+        refused = re.match(r"config\.(\S+?)=", message)
+        assert refused and refused.group(1) not in fixed, message
+        suggestion = re.search(r"use e\.g\. ((?:--config\.\S+=\S+ ?)+)\.$", message)
+        assert suggestion, message
+        for flag in suggestion.group(1).split():
+            path, _, value = flag[len("--config."):].partition("=")
+            section, _, field = path.rpartition(".")
+            config[section][field] = int(value)
+            fixed.add(path)
+    raise AssertionError(f"still refused after three suggestions: {message}")
+
+
+def test_geo_only_needs_neither_a_queue_nor_two_bn_groups():
+    config = _config(variant="geo_only", **{"moco.bn_groups": 1, "moco.queue_size": 100})
+    config_lib.validate(config, num_devices=1, num_local_devices=1)
 
 
 def test_the_sample_config_passes():

@@ -35,13 +35,6 @@ def _flags(data_dir, workdir):
             "--config.checkpoint_every_steps=2", "--config.log_every_steps=1", "--config.stages=pretrain"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xla_cache")
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")
-
-
 def _start(args, env, log_dir):
     """Starts a run with stdout/stderr in files (read while it runs); returns (process, stdout, stderr paths)."""
     out, err = os.path.join(log_dir, "stdout"), os.path.join(log_dir, "stderr")
@@ -110,6 +103,8 @@ _KILLED_IN_SAVE = textwrap.dedent("""
 
     def save(mngr, step, state, meta):
         if step == 4:
+            checkpointing.wait(mngr)  # Step 2's background write finishes first: only step 4's is cut short.
+
             async def die(self, value, tspec, context):
                 os.kill(os.getpid(), signal.SIGKILL)
             type_handlers.NumpyHandler._open_and_write = die

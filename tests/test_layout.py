@@ -25,8 +25,9 @@ def _imported_modules(path):
     return names
 
 
-def test_only_the_stage_runner_imports_the_trainer():
-    importers = sorted(p.name for p in PACKAGE.rglob("*.py") if "pretrain" in _imported_modules(p))
+@pytest.mark.parametrize("trainer", ["pretrain", "finetune", "linear_eval"])
+def test_only_the_stage_runner_imports_a_stage(trainer):
+    importers = sorted(p.name for p in PACKAGE.rglob("*.py") if trainer in _imported_modules(p))
     assert importers == ["stages.py"]
 
 

@@ -71,7 +71,7 @@ def test_extracted_features_match_a_direct_forward_pass(data_dir, tmp_path):
             locations.append(index)
     expected = backbone.module.apply(backbone.variables, np.stack(images), train=False)
     assert len(labels) > 8 and len(labels) % 8
-    np.testing.assert_allclose(data.features, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data.outputs, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(data.labels, labels)
     np.testing.assert_array_equal(data.locations, locations)
 
@@ -103,7 +103,7 @@ def two_probes(data_dir, tmp_path_factory):
                                              momentum=lc.momentum, weight_decay=lc.weight_decay)
         replicated = devices.replicate(state)
         if cached:
-            batches = lambda e: linear_eval.feature_batches(train.features, train.labels, lc.global_batch, seed=0,
+            batches = lambda e: linear_eval.feature_batches(train.outputs, train.labels, lc.global_batch, seed=0,
                                                             epoch=e)
         else:
             index = records.read_location_index(builder, "train")
@@ -158,7 +158,7 @@ def test_selects_on_val_and_evaluates_test_once(data_dir, tmp_path, monkeypatch)
     assert _leaves_equal(params, val_calls[1][1])
     assert not _leaves_equal(params, val_calls[3][1])
     # Test metrics recomputed with numpy from the selected classifier and the test features.
-    logits = test.features.astype(np.float64) @ params["kernel"] + params["bias"]
+    logits = test.outputs.astype(np.float64) @ params["kernel"] + params["bias"]
     assert entry["splits"]["test"]["top1"] == pytest.approx(np.mean(logits.argmax(1) == test.labels))
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -223,7 +223,8 @@ def test_results_keep_both_inits_and_the_margin(data_dir, pretrained_workdir):
     columns = ("top1", "top5", "macro_f1", "location_top1", "location_macro_f1")
     for split in ("val", "test"):
         mine, floor = pretrained["splits"][split], random["splits"][split]
-        for i, name in enumerate(columns, start=6):
+        for i, name in ((6 + 2 * j, name) for j, name in enumerate(columns)):  # Frozen, then fine-tuned columns.
+            assert rows["pretrained", split][i + 1].strip() == "-"  # Not fine-tuned.
             assert float(rows["pretrained", split][i]) == pytest.approx(100 * mine[name], abs=0.005)
             assert float(rows["random", split][i]) == pytest.approx(100 * floor[name], abs=0.005)
             assert float(rows["pretrained - random", split][i]) == pytest.approx(100 * (mine[name] - floor[name]),
@@ -235,17 +236,21 @@ def test_results_keep_both_inits_and_the_margin(data_dir, pretrained_workdir):
         assert [json.loads(line)["step"] for line in f] == [1, 2]
 
 
-def test_margin_rows_on_hand_made_entries():
-    def entry(top1, step):
+def test_frozen_and_fine_tuned_columns_and_margins_on_hand_made_entries():
+    def entry(top1, step, epoch=3):
         metrics = {"top1": top1, "top5": 0.9, "macro_f1": 0.5, "location_top1": top1, "location_macro_f1": 0.5}
         return {"variant": "geo_tp" if step else None, "pretrain_step": step, "pretrain_total_steps": step,
-                "backbone": "ResNet-50", "selected_epoch": 3, "num_epochs": 4, "splits": {"val": metrics}}
+                "backbone": "ResNet-50", "selected_epoch": epoch, "num_epochs": 4, "splits": {"val": metrics}}
 
-    markdown = results.render_markdown({"random": entry(0.25, None), "pretrained": entry(0.6, 100)})
+    markdown = results.render_markdown({
+        "linear_eval": {"random": entry(0.25, None), "pretrained": entry(0.6, 100)},
+        "finetune": {"pretrained": entry(0.7, 100, epoch=2), "random": entry(0.5, None)}})
     rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
-    assert rows[0].startswith("| pretrained | geo_tp | 100/100 | ResNet-50 | 3/4 | val | 60.00 | 90.00 | 50.00 |")
-    assert rows[1].startswith("| random | - | - |")
-    assert rows[2] == "| pretrained - random |  |  |  |  | val | +35.00 | +0.00 | +0.00 | +35.00 | +0.00 |"
+    assert rows[0] == ("| pretrained | geo_tp | 100/100 | ResNet-50 | 3/4 / 2/4 | val | 60.00 | 70.00 | 90.00 "
+                       "| 90.00 | 50.00 | 50.00 | 60.00 | 70.00 | 50.00 | 50.00 |")
+    assert rows[1].startswith("| random | - | - | ResNet-50 | 3/4 / 3/4 | val | 25.00 | 50.00 |")
+    assert rows[2] == ("| pretrained - random |  |  |  |  | val | +35.00 | +20.00 | +0.00 | +0.00 | +0.00 | +0.00 "
+                       "| +35.00 | +20.00 | +0.00 | +0.00 |")
 
 
 def test_step_and_cosine_learning_rates():
