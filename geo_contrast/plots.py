@@ -19,7 +19,6 @@ objects, never pyplot: no global backend or figure state, nothing opens a window
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
@@ -31,6 +30,7 @@ from matplotlib.figure import Figure
 
 from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
+from geo_contrast import metric_writer
 from geo_contrast import records
 from geo_contrast import results
 from geo_contrast import workdir as workdir_lib
@@ -58,18 +58,19 @@ def read_metrics(path: str) -> dict:
     """{metric: (steps, values)} from a metrics.jsonl, steps ascending.
 
     A resumed run re-logs the steps between its last checkpoint and the interruption, appending them again;
-    the last row of a step wins, as it is the one the checkpointed run continued from.
+    the last row of a step wins, as it is the one the checkpointed run continued from. Lines that are not rows
+    (metric_writer.parse_row) are skipped with a warning: a figure of the valid rows beats no figure.
     """
-    rows = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
+    rows, skipped = {}, 0
+    with open(path, "rb") as f:
+        for line in f:
+            row = metric_writer.parse_row(line)
+            if row is not None:
                 rows[int(row["step"])] = row
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{number} is not a metrics row with a 'step' ({e}): {line[:80]!r}") from e
+            elif line.strip():
+                skipped += 1
+    if skipped:
+        logging.warning("%s: skipped %d line(s) that are not metrics rows.", path, skipped)
     steps = np.array(sorted(rows), np.int64)
     names = sorted({name for row in rows.values() for name in row if name != "step"})
     series = {}

@@ -238,3 +238,19 @@ def test_a_resumed_metric_writer_drops_later_rows_and_a_torn_last_line(tmp_path)
     writer.write(4, {"loss": 0.5})
     writer.close()
     assert path.read_text() == "".join(rows[:3]) + json.dumps({"step": 4, "loss": 0.5}) + "\n"
+
+
+def test_a_resumed_metric_writer_sets_aside_lines_that_are_not_rows(tmp_path, caplog):
+    """Non-UTF-8 bytes, a JSON list, rows without a numeric step: moved to metrics.jsonl.bad with a warning, byte for
+    byte; the valid rows stay and the run goes on."""
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0 / s}).encode() + b"\n" for s in (1, 2)]
+    bad = [b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'{"loss": 0.5}', b'{"step": "3", "loss": 0.5}',
+           b'{"step": 3, "loss": "x"}']
+    path.write_bytes(good[0] + b"\n".join(bad[:3]) + b"\n" + good[1] + b"\n".join(bad[3:]) + b"\n")
+    writer = metric_writer.MetricWriter(str(tmp_path), resume_step=2)
+    writer.write(3, {"loss": 0.25})
+    writer.close()
+    assert path.read_bytes() == good[0] + good[1] + json.dumps({"step": 3, "loss": 0.25}).encode() + b"\n"
+    assert (tmp_path / "metrics.jsonl.bad").read_bytes() == b"".join(line + b"\n" for line in bad)
+    assert f"{path}: 5 line(s) that are not metrics rows moved to {path}.bad." in caplog.text

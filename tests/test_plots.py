@@ -54,9 +54,15 @@ def test_read_metrics_keeps_the_last_row_of_a_re_logged_step(tmp_path):
     np.testing.assert_array_equal(series["loss"][0], [10, 20, 30])
     np.testing.assert_array_equal(series["loss"][1], [5.0, 3.5, 3.0])
     np.testing.assert_array_equal(series["geo_ce"][0], [20])
-    path.write_text('{"step": 1, "loss": 2}\n{"loss": 1}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a metrics row with a 'step'"):
-        plots.read_metrics(str(path))
+
+
+def test_read_metrics_skips_lines_that_are_not_rows(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2}\n{"loss": 1}\n\xff\xfe\n[1, 2]\n{"step": 2, "loss": 1}\n')
+    series = plots.read_metrics(str(path))
+    assert {name: (list(steps), list(values)) for name, (steps, values) in series.items()} == {
+        "loss": ([1, 2], [2.0, 1.0])}
+    assert "metrics.jsonl: skipped 3 line(s) that are not metrics rows." in caplog.text
 
 
 def test_write_all_draws_curves_and_per_class_accuracy(tmp_path):
