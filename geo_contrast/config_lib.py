@@ -5,6 +5,7 @@ describes a whole family of runs and a command line names the run exactly. Valid
 the trainer, so a bad value is refused before any data is read or any device is touched.
 """
 
+import difflib
 import os
 
 import ml_collections
@@ -37,15 +38,32 @@ def parse_arg(arg, **defaults):
     for item in filter(None, (arg or "").split(",")):
         name, has_value, value = item.partition("=")
         if name not in defaults:
-            raise ValueError(f"Unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}.")
+            raise ConfigError(f"Unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}.")
         default = defaults[name]
         if isinstance(default, bool):
             result[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
         elif not has_value:
-            raise ValueError(f"Config argument {name!r} needs a value ({name}=...).")
+            raise ConfigError(f"Config argument {name!r} needs a value ({name}=...).")
         else:
             result[name] = type(default)(value) if default is not None else value
     return ml_collections.ConfigDict(result)
+
+
+def unknown_field(config, path):
+    """Why `path` ("moco.temprature") names no field of `config`, with the closest valid name; None if it does.
+
+    ml_collections reports a misspelt override with a traceback and without the section; this says both.
+    """
+    node, where = config, "config"
+    for name in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"{where} is a value, not a section: it has no field {name!r}."
+        if name not in node:
+            close = difflib.get_close_matches(name, list(node.keys()), n=1)
+            hint = f"did you mean {where}.{close[0]}?" if close else f"its fields are {sorted(node.keys())}."
+            return f"{where} has no field {name!r}; {hint}"
+        node, where = node[name], f"{where}.{name}"
+    return None
 
 
 def uses_temporal_positives(variant):
@@ -70,6 +88,9 @@ def _variant(variant):
 
 
 STAGES = ("pretrain", "linear_eval", "finetune")
+# The smallest crop side: the ResNet divides the image by 32, so at 16 px its last two stages already see one
+# pixel, and smaller crops leave nothing past its stem to learn from (16 px is what the tests train at).
+MIN_IMAGE_SIZE = 16
 # augment.REGIONS, repeated here so that validating a config needs no TensorFlow (a test keeps the two equal).
 REGIONS = ("whole", "center_square", "box_square")
 LINEAR_EVAL_SCHEDULES = ("step", "cosine")
@@ -176,6 +197,11 @@ def _validate_training(config):
             f"config.optim.num_epochs={config.optim.num_epochs} and config.optim.base_lr="
             f"{config.optim.base_lr} must both be > 0."
         )
+    if config.input.image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(
+            f"config.input.image_size={config.input.image_size} must be >= {MIN_IMAGE_SIZE} px (the ResNet's "
+            "stride is 32); use e.g. --config.input.image_size=224."
+        )
     if not 0 < config.input.crop_scale[0] <= config.input.crop_scale[1] <= 1:
         raise ConfigError(
             f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy 0 < min <= max <= 1."
@@ -202,9 +228,9 @@ def _validate_linear_eval(lc, num_local_devices):
     if lc.global_batch <= 0 or lc.global_batch % num_local_devices:
         raise ConfigError(f"config.linear_eval.global_batch={lc.global_batch} must be a positive multiple of the "
                           f"local device count ({num_local_devices}).")
-    if not 0 < lc.image_size <= lc.resize_size:
-        raise ConfigError(f"config.linear_eval: need 0 < image_size ({lc.image_size}) <= resize_size "
-                          f"({lc.resize_size}).")
+    if not MIN_IMAGE_SIZE <= lc.image_size <= lc.resize_size:
+        raise ConfigError(f"config.linear_eval: need {MIN_IMAGE_SIZE} <= image_size ({lc.image_size}) <= "
+                          f"resize_size ({lc.resize_size}).")
     _validate_init("config.linear_eval.init", lc.init)
     _validate_region("config.linear_eval", lc)
 
@@ -219,9 +245,9 @@ def _validate_finetune(fc, num_devices, num_local_devices):
                           f"device count ({num_devices}); use e.g. --config.finetune.global_batch={fix}.")
     if not 0 < fc.crop_scale[0] <= fc.crop_scale[1] <= 1:
         raise ConfigError(f"config.finetune.crop_scale={tuple(fc.crop_scale)} must satisfy 0 < min <= max <= 1.")
-    if not 0 < fc.image_size <= fc.resize_size:
-        raise ConfigError(f"config.finetune: need 0 < image_size ({fc.image_size}) <= resize_size "
-                          f"({fc.resize_size}).")
+    if not MIN_IMAGE_SIZE <= fc.image_size <= fc.resize_size:
+        raise ConfigError(f"config.finetune: need {MIN_IMAGE_SIZE} <= image_size ({fc.image_size}) <= "
+                          f"resize_size ({fc.resize_size}).")
     _validate_init("config.finetune.init", fc.init)
     _validate_region("config.finetune", fc)
 

@@ -7,9 +7,10 @@ Several hosts (every process runs the same command; see distributed.py):
     ... --distributed                                     # Cloud TPU pod, SLURM, Open MPI, Kubernetes
     ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I      # any other cluster
 
-A problem the user can fix (a bad config value, a dataset that is not built, an unusable workdir, a failed
-checkpoint write, a diverged loss) ends the run with its message and exit status 1, without a traceback. SIGTERM
-stops pretraining with a checkpoint and exit status 0; the same command resumes it (pretrain.py).
+A problem the user can fix (a misspelt config field or argument, a bad config value, a dataset that is not built,
+an unusable workdir, a failed checkpoint write, a diverged loss) ends the run with its message and exit status 1,
+without a traceback. SIGTERM stops pretraining with a checkpoint and exit status 0; the same command resumes it
+(pretrain.py).
 """
 
 import sys
@@ -19,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from geo_contrast import config_lib
 from geo_contrast import distributed
 from geo_contrast import input_pipeline
 from geo_contrast import stages
@@ -45,6 +47,55 @@ class _QuietLibraries:
         return record.levelno >= logging.converter.ABSL_TO_STANDARD[logging.WARNING] or "/orbax/" not in record.pathname
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with the config's mistakes as one `error:` line (exit status 1): a field that does not
+    exist (with the closest name), an unknown config argument or variant (refused by get_config), a value of the
+    wrong type, a config file that cannot be loaded."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # A config file that failed to load raises only when read (ml_collections).
+        return remaining
+    except (flags.Error, OSError, AttributeError, KeyError) as e:
+        message = _config_mistake(e, argv)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(1)
+
+
+def _config_mistake(error, argv):
+    """The message of a mistake in the config flags that stopped their parsing, or None (a bug)."""
+    cause, refusal = error, None
+    while cause is not None:  # get_config's ConfigError, wrapped (twice, with its traceback) on its way up.
+        refusal = cause if isinstance(cause, config_lib.ConfigError) else refusal
+        cause = cause.__cause__ or cause.__context__
+    if refusal is not None:
+        return str(refusal)
+    if isinstance(error, OSError):
+        return f"--config cannot be loaded: {str(error).splitlines()[-1].strip()}"
+    if isinstance(error, flags.Error):
+        return str(error)
+    # ml_collections raises an AttributeError (KeyError) for an override of a field that does not exist.
+    config = FLAGS["config"].parser.parse(_flag_value(argv, "config"))
+    for arg in argv:
+        if arg.startswith("--config."):
+            path = arg[len("--config."):].partition("=")[0]
+            problem = config_lib.unknown_field(config, path)
+            if problem:
+                return f"--config.{path}: {problem}"
+    return None
+
+
+def _flag_value(argv, name):
+    """The value of --name in `argv` (as --name=VALUE or --name VALUE)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -61,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,9 @@
 """Bad configs are refused before any compute, each with a message that names the field and the fix."""
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -40,6 +43,12 @@ def _config(**overrides):
     ({"moco.bn_groups": 3}, 2, "config.moco.bn_groups=3 must divide the per-device batch (4 = global_batch 8 / 2"),
     ({"dataset.name": ""}, 1, "config.dataset.name is empty"),
     ({"input.prefetch_batches": 0}, 1, "config.input.prefetch_batches=0 must be >= 1"),
+    ({"input.image_size": 0}, 1,
+     "config.input.image_size=0 must be >= 16 px (the ResNet's stride is 32); use e.g. "
+     "--config.input.image_size=224."),
+    ({"finetune.image_size": 8, "stages": "finetune"}, 1, "config.finetune: need 16 <= image_size (8) <= "),
+    ({"linear_eval.image_size": 0, "stages": "linear_eval"}, 1,
+     "config.linear_eval: need 16 <= image_size (0) <= "),
 ])
 def test_impossible_values_are_refused_with_the_field_and_the_fix(overrides, devices, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
@@ -51,7 +60,7 @@ def test_impossible_values_are_refused_with_the_field_and_the_fix(overrides, dev
     ({"input.global_batch": 10}, 4), ({"input.global_batch": 0}, 1), ({"input.global_batch": 12}, 1),
     ({"input.global_batch": 6, "moco.queue_size": 64}, 2), ({"moco.bn_groups": 3}, 1), ({"moco.bn_groups": 3}, 2),
     ({"moco.bn_groups": 1}, 1), ({"moco.bn_groups": 0}, 4), ({"moco.queue_size": 100}, 1),
-    ({"input.global_batch": 1, "moco.queue_size": 1}, 1),
+    ({"input.global_batch": 1, "moco.queue_size": 1}, 1), ({"input.image_size": 0}, 1),
 ])
 def test_every_suggested_value_passes_validation(overrides, devices):
     """Following each message's suggestion leads to a valid config, and a suggested value is never refused
@@ -162,7 +171,42 @@ def test_stages_validate_before_touching_the_workdir(tmp_path):
     workdir = tmp_path / "new_workdir"
     with pytest.raises(config_lib.ConfigError, match="config.moco.temperature"):
         stages.run(_config(**{"moco.temperature": 0.0}), str(workdir))
+    with pytest.raises(config_lib.ConfigError, match=re.escape("config.input.image_size=0 must be >= 16 px")):
+        stages.run(_config(**{"input.image_size": 0}), str(workdir))
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            "config.init_from='README.md': README.md is not a readable safetensors file")):
+        stages.run(_config(init_from="README.md"), str(workdir))
     with pytest.raises(config_lib.ConfigError, match=re.escape("config.stages='pretrain,probe': unknown stage(s) "
                                                                "['probe']")):
         stages.run(_config(stages="pretrain,probe"), str(workdir))
     assert not workdir.exists()
+
+
+def test_an_unknown_field_is_named_with_the_closest_one():
+    config = _config()
+    assert config_lib.unknown_field(config, "moco.temperature") is None
+    assert config_lib.unknown_field(config, "mocco.temperature") == "config has no field 'mocco'; did you mean " \
+                                                                    "config.moco?"
+    assert config_lib.unknown_field(config, "moco.temperature.x") == (
+        "config.moco.temperature is a value, not a section: it has no field 'x'.")
+    assert config_lib.unknown_field(config, "geo.zzz").startswith(
+        "config.geo has no field 'zzz'; its fields are ['loss_weight', 'num_clusters'].")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.moco.temprature=0.1",
+     "--config.moco.temprature: config.moco has no field 'temprature'; did you mean config.moco.temperature?"),
+    ("--config=configs/fmow.py:variant=foo", "config.variant='foo' is not a variant; choose one of ['geo', "),
+    ("--config=configs/nope.py",
+     "--config cannot be loaded: [Errno 2] No such file or directory: 'configs/nope.py'"),
+])
+def test_a_mistake_in_the_config_flags_is_one_error_line(flag, message, tmp_path):
+    """Raised while absl parses the flags (ml_collections' overrides, get_config), before any work."""
+    workdir = tmp_path / "workdir"
+    config = [flag] if flag.startswith("--config=") else ["--config=configs/fmow.py:sample", flag]
+    result = subprocess.run([sys.executable, "-m", "geo_contrast.main", f"--workdir={workdir}", *config],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not workdir.exists()

@@ -241,8 +241,8 @@ def test_a_resumed_metric_writer_drops_later_rows_and_a_torn_last_line(tmp_path)
 
 
 def test_a_resumed_metric_writer_sets_aside_lines_that_are_not_rows(tmp_path, caplog):
-    """Non-UTF-8 bytes, a JSON list, rows without a numeric step: moved to metrics.jsonl.bad with a warning, byte for
-    byte; the valid rows stay and the run goes on."""
+    """Non-UTF-8 bytes, a JSON list, rows without a numeric step: moved to metrics.jsonl.bad with a warning, byte
+    for byte; the valid rows stay and the run goes on."""
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0 / s}).encode() + b"\n" for s in (1, 2)]
     bad = [b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'{"loss": 0.5}', b'{"step": "3", "loss": 0.5}',
