@@ -369,11 +369,12 @@ def gaussian_blur(image, sigma, max_sigma):
             f"reflect padding, got {image.shape}"
         )
     sigma = tf.cast(sigma, tf.float32)
-    check = tf.debugging.assert_less_equal(
-        sigma, tf.constant(max_sigma, tf.float32), message=f"{where}: sigma exceeds max_sigma={max_sigma}"
-    )
-    with tf.control_dependencies([check]):
-        taps = tf.range(-max_radius, max_radius + 1, dtype=tf.float32)
+    if tf.executing_eagerly():  # XLA drops Assert ops, with a warning on the console; its caller (the compiled
+        # `_apply_to_uint8`) draws sigma <= max_sigma by construction.
+        tf.debugging.assert_less_equal(
+            sigma, tf.constant(max_sigma, tf.float32), message=f"{where}: sigma exceeds max_sigma={max_sigma}"
+        )
+    taps = tf.range(-max_radius, max_radius + 1, dtype=tf.float32)
     weights = tf.exp(-0.5 * tf.square(taps / sigma))
     weights = tf.where(tf.abs(taps) <= tf.math.ceil(3 * sigma), weights, 0.0)
     weights /= tf.reduce_sum(weights)

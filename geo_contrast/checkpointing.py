@@ -50,7 +50,8 @@ def manager(directory, *, keep, save_interval_steps=1):
 def reader(directory):
     """A CheckpointManager that never writes (no directory creation, no cleanup), so read-only or shared
     checkpoint directories can be listed and restored."""
-    return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)  # Else warned.
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(mngr, step, state, meta):

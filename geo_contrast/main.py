@@ -13,6 +13,7 @@ without a traceback. SIGTERM stops pretraining with a checkpoint and exit status
 (pretrain.py).
 """
 
+import os
 import sys
 
 from absl import app
@@ -24,6 +25,7 @@ from geo_contrast import config_lib
 from geo_contrast import distributed
 from geo_contrast import input_pipeline
 from geo_contrast import stages
+import tfds_builders
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fmow.py:variant=tp.", lock_config=True)
@@ -40,11 +42,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 _USER_ERRORS = stages.USER_ERRORS + (distributed.DistributedInitError,)
 
 
+# Where our own log records come from (this package and the dataset builders).
+_OUR_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(tfds_builders.__file__)) + os.sep)
+
+
 class _QuietLibraries:
-    """Drops the INFO records of checkpointing's internals (dozens per save), keeping their warnings and ours."""
+    """Keeps our records and the libraries' warnings; drops the libraries' INFO records (orbax's dozens per save,
+    TFDS's "Load dataset info", JAX's probe for a TPU that is not there), which drown the run's own lines, and
+    orbax's warning that a reader is read-only, which checkpointing.reader asks for on purpose."""
 
     def filter(self, record):
-        return record.levelno >= logging.converter.ABSL_TO_STANDARD[logging.WARNING] or "/orbax/" not in record.pathname
+        if os.path.abspath(record.pathname).startswith(_OUR_CODE):
+            return True
+        return (record.levelno >= logging.converter.ABSL_TO_STANDARD[logging.WARNING]
+                and not record.getMessage().startswith("Given directory is read only"))
 
 
 def _parse_flags(argv):

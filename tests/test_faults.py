@@ -81,14 +81,35 @@ def _checkpoint_steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_fmow, env, tmp_path_factory):
-    """{step: loss} of a run that is never interrupted."""
+def reference_workdir(tiny_fmow, env, tmp_path_factory):
+    """The workdir of a run that is never interrupted; its stdout and stderr are files in it."""
     workdir = tmp_path_factory.mktemp("reference")
     status, _, err = _run(["-m", "geo_contrast.main", *_flags(tiny_fmow[0], workdir)], env, workdir)
     assert status == 0, err[-3000:]
-    rows = _rows(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_workdir):
+    """{step: loss} of a run that is never interrupted."""
+    rows = _rows(reference_workdir)
     assert sorted(rows) == list(range(1, TOTAL_STEPS + 1))
     return rows
+
+
+# Our modules: the only ones whose INFO records the console shows.
+_OURS = {name for package in ("geo_contrast", "tfds_builders")
+         for _, _, names in os.walk(os.path.join(ROOT, package)) for name in names if name.endswith(".py")}
+
+
+def test_the_console_shows_our_lines_and_real_warnings_only(reference_workdir):
+    """No deprecation warning, no library's INFO records (TFDS loading its dataset info, orbax's internals, JAX's
+    probe for a TPU), no warning of an Assert that XLA drops: the run's own lines stand out."""
+    err = (reference_workdir / "stderr").read_text()
+    assert "deprecat" not in err.lower(), err
+    assert "Ignoring Assert operator" not in err and "read only" not in err, err
+    info = re.findall(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\]", err, flags=re.M)  # Python's INFO records.
+    assert "pretrain.py" in info and set(info) <= _OURS, err
 
 
 # Runs the real command, but SIGKILLs the process from inside orbax's background write of step 4's checkpoint:
