@@ -17,7 +17,7 @@ it. Results go to WORKDIR/results.{json,md} as the fine-tuned column beside the 
 It runs like pretraining (train_loop.py): one pmapped step over every device of every process, each process
 feeding its rows of every global batch; checkpoints (WORKDIR/finetune_<init>_checkpoints/) hold the state and
 the best epoch's model, so a kill or SIGTERM loses at most `checkpoint_every_steps` and the same command resumes,
-from the checkpoint's step and with the same data stream.
+from the checkpoint's step and with the same data stream (as pretraining, past a damaged checkpoint).
 """
 
 import dataclasses
@@ -139,12 +139,12 @@ def _finetune(config, workdir, stop):
     like = _initial(model, backbone, sgd, config.seed, fc.image_size)
     mngr = checkpointing.manager(os.path.join(workdir, workdir_lib.stage_prefix(STAGE, key) + "checkpoints"),
                                  keep=config.keep_checkpoints)
-    start_step = mngr.latest_step()
-    if start_step is None:
+    resumed = checkpointing.restore_latest(mngr, {"state": like, "best": _variables(like)})
+    if resumed is None:
         start_step, state = 0, like
         best = classification.Selection(0, {"params": state.params, "batch_stats": state.batch_stats}, None)
     else:
-        saved, meta = checkpointing.restore(mngr, start_step, {"state": like, "best": _variables(like)})
+        start_step, saved, meta = resumed
         state = saved["state"]
         best = classification.Selection(meta["best_epoch"], saved["best"], meta["best_val"])
         logging.info("Resumed fine-tuning %s from %s at step %d.", key, mngr.directory, start_step)

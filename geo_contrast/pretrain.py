@@ -14,7 +14,8 @@ takes part in each checkpoint save and restore.
 Faults:
 - Killed at any point (SIGKILL, a crash), the run restarts with the same command from its latest finished
   checkpoint, rebuilds the data stream at that step and, from there, repeats the losses of a run that was never
-  interrupted. The metric rows the killed run wrote after that checkpoint are dropped at start-up.
+  interrupted. The metric rows the killed run wrote after that checkpoint are dropped at start-up. A checkpoint
+  damaged since it was written is set aside for an older one (checkpointing.restore_latest).
 - SIGTERM/SIGINT (preemption.StopRequest): the step carries each process's stop vote and sums it over all
   devices, so every process learns of a request from any of them at the same step; the loop then checkpoints
   and returns, and the process exits 0. The vote is read one step late (so reading it never stalls the device
@@ -93,16 +94,16 @@ def _pretrain(config, workdir, stop):
     use_geo = config_lib.uses_geo_loss(config.variant)
     centroids = fit_or_load_clusters(config, workdir, train_index) if use_geo else None
 
-    # State: the latest checkpoint's, or the initial one.
+    # State: the newest checkpoint that restores, or the initial one.
     model = train_setup.build_model(config, steps_per_epoch, train_setup.compute_dtype(config.model.compute_dtype))
-    start_step = mngr.latest_step()
-    if start_step is None:
+    resumed = checkpointing.restore_latest(mngr, train_setup.abstract_state(config, model))
+    if resumed is None:
         start_step, state = 0, train_setup.initial_state(config, model)
         if config.init_from:
             state = train_setup.with_torchvision_backbone(state, config.init_from)
             logging.info("Initialised both encoders' backbones from %s.", config.init_from)
     else:
-        state, _ = checkpointing.restore(mngr, start_step, train_setup.abstract_state(config, model))
+        start_step, state, _ = resumed
         logging.info("Resumed from %s at step %d.", mngr.directory, start_step)
     p_step = train_setup.pmapped_step(config, model)
 

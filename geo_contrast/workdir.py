@@ -12,7 +12,7 @@ importing each other (and, for export and the converter, without importing Tenso
     WORKDIR/data/, WORKDIR/sample_*/  a sample config's generated and built dataset
 
 Errors a user can cause here (an unusable directory, a workdir without checkpoints, a checkpoint that no
-geo_contrast run wrote) are `WorkdirError`s whose message says what to do.
+geo_contrast run wrote, one that is damaged) are `WorkdirError`s whose message says what to do.
 
 Orbax (and with it JAX) is imported only by the functions that read checkpoints, so the layout, and with it
 results.load, imports without JAX: the report command gathers results.json files on any machine in a second.
@@ -180,14 +180,20 @@ def read_run(directory, step=None, *, with_state=False, like=None):
     if step not in steps:
         raise WorkdirError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}.")
     reader = checkpointing.reader(directory)
-    if like is not None:
-        state, meta = checkpointing.restore(reader, step, like)
-    else:
-        items = {"meta": ocp.args.JsonRestore()}
-        if with_state:
-            items["state"] = ocp.args.StandardRestore()
-        restored = reader.restore(step, args=ocp.args.Composite(**items))
-        state, meta = restored.get("state"), restored["meta"]
+    checkpointing.quiet_closed_loop_reports()
+    try:
+        if like is not None:
+            state, meta = checkpointing.restore(reader, step, like)
+        else:
+            items = {"meta": ocp.args.JsonRestore()}
+            if with_state:
+                items["state"] = ocp.args.StandardRestore()
+            restored = reader.restore(step, args=ocp.args.Composite(**items))
+            state, meta = restored.get("state"), restored["meta"]
+    except checkpointing.UNREADABLE as e:
+        raise WorkdirError(f"Checkpoint {directory}/{step} cannot be read ({checkpointing.gist(e)}): it is "
+                           "damaged. Point at another step; resuming its training falls back to the newest one "
+                           "that restores.") from e
     if "config" not in (meta or {}):
         raise WorkdirError(f"Checkpoint {directory}/{step} has no pretraining config in its metadata: it was not "
                            "written by geo_contrast's pretraining.")

@@ -1,5 +1,5 @@
 """Faults, through the real command line: a kill during a checkpoint save, SIGTERM, a second SIGTERM, an unusable
-workdir and failing checkpoint storage.
+workdir, failing checkpoint storage, a damaged checkpoint, bad metrics rows.
 
 Every run is `python -m geo_contrast.main` on the tiny fMoW build (48 training images) with a ResNet-18 of width 4
 at 16 px, global batch 8: 6 steps per epoch, 30 steps in all, a checkpoint every 2 steps. The runs share a
@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,6 +250,82 @@ def test_a_bug_in_the_save_is_not_disguised_as_a_storage_error(tmp_path, monkeyp
     checkpointing.save(mngr, 1, {"w": np.zeros(2, np.float32)}, {})
     with pytest.raises(ValueError, match="shape mismatch"):
         checkpointing.wait(mngr)
+
+
+def _damage(step_dir):
+    """Truncates the largest data file of a checkpoint's state to half its size, as a failing disk might."""
+    data = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+            for name in names]
+    largest = max(data, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+def _copy(workdir, tmp_path):
+    copy = tmp_path / "workdir"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("stdout", "stderr"))
+    return copy
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        tiny_fmow, env, reference, reference_workdir, tmp_path):
+    """The newest checkpoint (30) cannot be read: the run warns, keeps it as 30.damaged, resumes from 28 and
+    repeats the uninterrupted run's losses."""
+    workdir = _copy(reference_workdir, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    _damage(checkpoints / str(TOTAL_STEPS))
+    status, _, err = _run(["-m", "geo_contrast.main", *_flags(tiny_fmow[0], workdir)], env, tmp_path)
+    assert status == 0, err[-3000:]
+    assert re.search(rf"Checkpoint {checkpoints}/30 cannot be read \(.+\); resuming from step 28 instead. The "
+                     rf"damaged checkpoint is kept as {checkpoints}/30.damaged.", err), err[-3000:]
+    assert f"Resumed from {checkpoints} at step 28." in err
+    assert "Traceback" not in err and "Event loop is closed" not in err
+    assert (checkpoints / "30.damaged").is_dir() and _checkpoint_steps(workdir) >= {28, 30}
+    rows = _rows(workdir)
+    assert sorted(rows) == list(range(1, TOTAL_STEPS + 1))
+    np.testing.assert_array_equal([rows[s] for s in sorted(rows)], [reference[s] for s in sorted(rows)])
+
+
+def _tiny_checkpoints(directory, steps):
+    """A checkpoint manager with `steps` saved: {"w": step * ones(4096)} and the step in the metadata."""
+    mngr = checkpointing.manager(directory, keep=len(steps))
+    for step in steps:
+        checkpointing.save(mngr, step, {"w": np.full(4096, step, np.float32)}, {"step": step})
+    checkpointing.wait(mngr)
+    return mngr
+
+
+def test_restore_latest_falls_back_past_damaged_checkpoints_and_keeps_them(tmp_path, caplog):
+    mngr = _tiny_checkpoints(tmp_path, [1, 2, 3])
+    _damage(tmp_path / "3")  # A truncated data file.
+    (tmp_path / "2" / "meta" / "metadata").write_bytes(b"\xff\xfe garbled")  # Metadata that is not even UTF-8.
+    step, state, meta = checkpointing.restore_latest(mngr, {"w": np.zeros(4096, np.float32)})
+    assert (step, meta) == (1, {"step": 1}) and (state["w"] == 1).all()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged", "3.damaged"] and mngr.all_steps() == [1]
+    for damaged in (3, 2):
+        assert f"Checkpoint {tmp_path}/{damaged} cannot be read (" in caplog.text
+    checkpointing.save(mngr, 2, {"w": np.full(4096, 5, np.float32)}, {"step": 2})  # The manager goes on.
+    checkpointing.wait(mngr)
+    assert mngr.all_steps() == [1, 2]
+
+
+def test_when_no_checkpoint_restores_it_is_one_error_and_none_is_renamed(tmp_path):
+    mngr = _tiny_checkpoints(tmp_path, [1, 2])
+    for step in (1, 2):
+        _damage(tmp_path / str(step))
+    message = re.escape(f"No checkpoint in {tmp_path} restores (step 2: ")
+    with pytest.raises(checkpointing.CheckpointError, match=message) as error:
+        checkpointing.restore_latest(mngr, {"w": np.zeros(4096, np.float32)})
+    assert "; step 1: " in str(error.value) and "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_before_its_state_is_read(tmp_path):
+    mngr = _tiny_checkpoints(tmp_path, [1])
+    with pytest.raises(checkpointing.CheckpointError, match=re.escape(
+            f"Checkpoint {tmp_path}/1 does not fit the model this config builds: w is (4096,) there, (8,) here; "
+            "x is absent there, () here.")):
+        checkpointing.restore_latest(mngr, {"w": np.zeros(8, np.float32), "x": np.zeros((), np.int32)})
+    assert sorted(os.listdir(tmp_path)) == ["1"]
 
 
 def test_a_resumed_metric_writer_drops_later_rows_and_a_torn_last_line(tmp_path):
