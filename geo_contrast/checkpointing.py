@@ -103,15 +103,16 @@ def restore(mngr, step, like):
 UNREADABLE = (OSError, ValueError)
 
 
-def restore_latest(mngr, like):
+def restore_latest(mngr, like, check=lambda step, meta: None):
     """(step, state, meta) of the newest checkpoint of `mngr` that restores, `state` shaped like `like`; None when
     there is no checkpoint.
 
-    A checkpoint whose arrays have other shapes than `like` is refused with a CheckpointError naming them. A
-    checkpoint that cannot be read is damaged: once an older one restores, each newer damaged one is renamed
-    `<step>.damaged` (kept for inspection, no longer listed by orbax), with a warning. When none restores, a
-    CheckpointError names them all and nothing is renamed. Every process reads the same files (shared storage), so
-    all of them come to the same step.
+    `check(step, meta)` sees each candidate's metadata before its state is read, and may refuse it by raising (a
+    config that differs from the checkpoint's). A checkpoint whose arrays have other shapes than `like` is refused
+    with a CheckpointError naming them. A checkpoint that cannot be read is damaged: once an older one restores,
+    each newer damaged one is renamed `<step>.damaged` (kept for inspection, no longer listed by orbax), with a
+    warning. When none restores, a CheckpointError names them all and nothing is renamed. Every process reads the
+    same files (shared storage), so all of them come to the same step.
     """
     quiet_closed_loop_reports()
     damaged = []
@@ -122,6 +123,7 @@ def restore_latest(mngr, like):
         except UNREADABLE as e:
             damaged.append((step, e))
             continue
+        check(step, meta)
         _check_shapes(f"{mngr.directory}/{step}", stored, _shapes(like))
         try:
             state, meta = restore(mngr, step, like)

@@ -6,7 +6,9 @@ the trainer, so a bad value is refused before any data is read or any device is 
 """
 
 import difflib
+import json
 import os
+import shlex
 
 import ml_collections
 
@@ -294,3 +296,60 @@ def validate_against_data(config, *, num_images, num_distinct_locations):
             f"locations of {split}: k-means cannot form more clusters than places; use "
             f"--config.geo.num_clusters={num_distinct_locations} or fewer."
         )
+
+
+# The fields a stage may change when it resumes from its checkpoint (a section stands for all of its fields): those
+# that neither shape the checkpointed state nor change the data or the updates that led to it. Any other difference
+# from the checkpoint's recorded config is refused: the run would go on with the old state (its queue, its model)
+# under the new value, or die of a shape error, and record the new value as if it had held from the start.
+_RESUMABLE_IN_ANY_STAGE = (
+    "stages", "compare_random",  # Which stages run, and after which.
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",  # Bookkeeping.
+    "dataset.data_dir", "dataset.generate_sample",  # Where the same built dataset is read.
+    "input.prefetch_batches", "model.compute_dtype",  # Speed: the same parameters, computed in another precision.
+    "linear_eval",  # Has no checkpoint: it runs whole, after training.
+)
+RESUMABLE = {
+    # A longer (or shorter) run: its cosine spans the new number of epochs from the resumed step on.
+    "pretrain": _RESUMABLE_IN_ANY_STAGE + ("optim.num_epochs", "finetune"),
+    # Fine-tuning reads none of pretraining's own fields (its backbone comes from the pretraining checkpoint, or
+    # from config.model for the random init).
+    "finetune": _RESUMABLE_IN_ANY_STAGE + ("finetune.num_epochs", "variant", "init_from", "input", "moco", "geo",
+                                           "optim"),
+}
+
+
+def check_resume(recorded, config, *, stage, checkpoint):
+    """Refuses (ConfigError) to resume `stage` from `checkpoint` with a `config` that differs from the one its
+    run recorded (`recorded`, the metadata's JSON) in a field that RESUMABLE[stage] does not list; the message
+    names every such field with both values, and the two ways out."""
+    old, new = _flat(recorded), _flat(json.loads(config.to_json()))
+    differing = [path for path in sorted(old.keys() | new.keys())
+                 if old.get(path, _ABSENT) != new.get(path, _ABSENT)
+                 and not any(path == f or path.startswith(f + ".") for f in RESUMABLE[stage])]
+    if not differing:
+        return
+    changes = "; ".join(f"{path}={_shown(old.get(path, _ABSENT))} there, {_shown(new.get(path, _ABSENT))} now"
+                        for path in differing)
+    flags = " ".join(shlex.quote(f"--config.{path}={_shown(old[path])}") for path in differing if path in old)
+    raise ConfigError(f"Cannot resume from {checkpoint} with another config: {changes}. To resume, pass the "
+                      f"checkpoint's values ({flags}); to start a new run with the new ones, use a new --workdir.")
+
+
+_ABSENT = "<absent>"
+
+
+def _flat(tree, prefix=""):
+    """{"moco.queue_size": 65536, ...} of a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value):
+    """A value as a --config flag takes it: JSON's lists back as the config's tuples."""
+    return str(tuple(value) if isinstance(value, list) else value)

@@ -17,7 +17,8 @@ it. Results go to WORKDIR/results.{json,md} as the fine-tuned column beside the 
 It runs like pretraining (train_loop.py): one pmapped step over every device of every process, each process
 feeding its rows of every global batch; checkpoints (WORKDIR/finetune_<init>_checkpoints/) hold the state and
 the best epoch's model, so a kill or SIGTERM loses at most `checkpoint_every_steps` and the same command resumes,
-from the checkpoint's step and with the same data stream (as pretraining, past a damaged checkpoint).
+from the checkpoint's step and with the same data stream (as pretraining: past a damaged checkpoint, and only
+with a config that config_lib.RESUMABLE allows).
 """
 
 import dataclasses
@@ -139,7 +140,10 @@ def _finetune(config, workdir, stop):
     like = _initial(model, backbone, sgd, config.seed, fc.image_size)
     mngr = checkpointing.manager(os.path.join(workdir, workdir_lib.stage_prefix(STAGE, key) + "checkpoints"),
                                  keep=config.keep_checkpoints)
-    resumed = checkpointing.restore_latest(mngr, {"state": like, "best": _variables(like)})
+    resumed = checkpointing.restore_latest(
+        mngr, {"state": like, "best": _variables(like)},
+        check=lambda step, meta: config_lib.check_resume(meta["config"], config, stage=STAGE,
+                                                         checkpoint=f"{mngr.directory}/{step}"))
     if resumed is None:
         start_step, state = 0, like
         best = classification.Selection(0, {"params": state.params, "batch_stats": state.batch_stats}, None)

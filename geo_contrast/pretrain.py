@@ -15,7 +15,8 @@ Faults:
 - Killed at any point (SIGKILL, a crash), the run restarts with the same command from its latest finished
   checkpoint, rebuilds the data stream at that step and, from there, repeats the losses of a run that was never
   interrupted. The metric rows the killed run wrote after that checkpoint are dropped at start-up. A checkpoint
-  damaged since it was written is set aside for an older one (checkpointing.restore_latest).
+  damaged since it was written is set aside for an older one (checkpointing.restore_latest); a config that
+  differs from the checkpoint's in a field that shapes the run is refused (config_lib.check_resume).
 - SIGTERM/SIGINT (preemption.StopRequest): the step carries each process's stop vote and sums it over all
   devices, so every process learns of a request from any of them at the same step; the loop then checkpoints
   and returns, and the process exits 0. The vote is read one step late (so reading it never stalls the device
@@ -91,12 +92,13 @@ def _pretrain(config, workdir, stop):
     global_batch = config.input.global_batch
     steps_per_epoch = total_images // global_batch
     total_steps = steps_per_epoch * config.optim.num_epochs
-    use_geo = config_lib.uses_geo_loss(config.variant)
-    centroids = fit_or_load_clusters(config, workdir, train_index) if use_geo else None
 
-    # State: the newest checkpoint that restores, or the initial one.
+    # State: the newest checkpoint that restores, if its recorded config allows this one, or the initial one.
     model = train_setup.build_model(config, steps_per_epoch, train_setup.compute_dtype(config.model.compute_dtype))
-    resumed = checkpointing.restore_latest(mngr, train_setup.abstract_state(config, model))
+    resumed = checkpointing.restore_latest(
+        mngr, train_setup.abstract_state(config, model),
+        check=lambda step, meta: config_lib.check_resume(meta["config"], config, stage="pretrain",
+                                                         checkpoint=f"{mngr.directory}/{step}"))
     if resumed is None:
         start_step, state = 0, train_setup.initial_state(config, model)
         if config.init_from:
@@ -105,6 +107,8 @@ def _pretrain(config, workdir, stop):
     else:
         start_step, state, _ = resumed
         logging.info("Resumed from %s at step %d.", mngr.directory, start_step)
+    use_geo = config_lib.uses_geo_loss(config.variant)
+    centroids = fit_or_load_clusters(config, workdir, train_index) if use_geo else None
     p_step = train_setup.pmapped_step(config, model)
 
     # Data: this process's block of every global batch, from the start step on.

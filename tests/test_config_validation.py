@@ -1,5 +1,6 @@
 """Bad configs are refused before any compute, each with a message that names the field and the fix."""
 
+import json
 import os
 import re
 import subprocess
@@ -210,3 +211,23 @@ def test_a_mistake_in_the_config_flags_is_one_error_line(flag, message, tmp_path
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not workdir.exists()
+
+
+def test_a_resume_refuses_the_fields_that_change_the_run_and_allows_the_others():
+    recorded = json.loads(_config().to_json())  # As the checkpoint's metadata holds it.
+    allowed = {"optim.num_epochs": 80, "log_every_steps": 5, "checkpoint_every_steps": 7, "stages": "pretrain",
+               "dataset.data_dir": "/elsewhere", "model.compute_dtype": "bfloat16", "input.prefetch_batches": 4,
+               "linear_eval.base_lr": 1.0, "finetune.base_lr": 1.0}
+    config_lib.check_resume(recorded, _config(**allowed), stage="pretrain", checkpoint="CKPT")
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            "Cannot resume from CKPT with another config: input.crop_scale=(0.5, 1.0) there, (0.2, 1.0) now; "
+            "seed=0 there, 1 now. To resume, pass the checkpoint's values ('--config.input.crop_scale=(0.5, 1.0)' "
+            "--config.seed=0); to start a new run with the new ones, use a new --workdir.")):
+        config_lib.check_resume(recorded, _config(**{"input.crop_scale": (0.2, 1.0), "seed": 1}), stage="pretrain",
+                                checkpoint="CKPT")
+    # Fine-tuning reads none of pretraining's own fields; its own section is what it must keep.
+    config_lib.check_resume(recorded, _config(**{"moco.temperature": 0.5, "finetune.num_epochs": 20}),
+                            stage="finetune", checkpoint="CKPT")
+    with pytest.raises(config_lib.ConfigError, match=re.escape("finetune.base_lr=0.2 there, 0.1 now.")):
+        config_lib.check_resume(recorded, _config(**{"finetune.base_lr": 0.1}), stage="finetune",
+                                checkpoint="CKPT")

@@ -1,5 +1,5 @@
 """Faults, through the real command line: a kill during a checkpoint save, SIGTERM, a second SIGTERM, an unusable
-workdir, failing checkpoint storage, a damaged checkpoint, bad metrics rows.
+workdir, failing checkpoint storage, a damaged checkpoint, a resume with another config, bad metrics rows.
 
 Every run is `python -m geo_contrast.main` on the tiny fMoW build (48 training images) with a ResNet-18 of width 4
 at 16 px, global batch 8: 6 steps per epoch, 30 steps in all, a checkpoint every 2 steps. The runs share a
@@ -269,11 +269,13 @@ def _copy(workdir, tmp_path):
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
         tiny_fmow, env, reference, reference_workdir, tmp_path):
     """The newest checkpoint (30) cannot be read: the run warns, keeps it as 30.damaged, resumes from 28 and
-    repeats the uninterrupted run's losses."""
+    repeats the uninterrupted run's losses. The resumed command also changes fields a resume allows."""
     workdir = _copy(reference_workdir, tmp_path)
     checkpoints = workdir / "checkpoints"
     _damage(checkpoints / str(TOTAL_STEPS))
-    status, _, err = _run(["-m", "geo_contrast.main", *_flags(tiny_fmow[0], workdir)], env, tmp_path)
+    allowed = ["--config.checkpoint_every_steps=4", "--config.input.prefetch_batches=1",
+               "--config.keep_checkpoints=4", "--config.linear_eval.num_epochs=3"]
+    status, _, err = _run(["-m", "geo_contrast.main", *_flags(tiny_fmow[0], workdir), *allowed], env, tmp_path)
     assert status == 0, err[-3000:]
     assert re.search(rf"Checkpoint {checkpoints}/30 cannot be read \(.+\); resuming from step 28 instead. The "
                      rf"damaged checkpoint is kept as {checkpoints}/30.damaged.", err), err[-3000:]
@@ -283,6 +285,22 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     rows = _rows(workdir)
     assert sorted(rows) == list(range(1, TOTAL_STEPS + 1))
     np.testing.assert_array_equal([rows[s] for s in sorted(rows)], [reference[s] for s in sorted(rows)])
+
+
+def test_a_resume_with_a_config_that_changes_the_run_is_one_error_line(tiny_fmow, env, reference_workdir,
+                                                                        tmp_path):
+    """A changed queue size (silently kept before) and a changed width (a flax traceback after "Resumed") are
+    refused before the first step, both named with their two values and the two ways out."""
+    workdir = _copy(reference_workdir, tmp_path)
+    changed = ["--config.moco.queue_size=64", "--config.model.width=8", "--config.optim.num_epochs=6"]
+    status, _, err = _run(["-m", "geo_contrast.main", *_flags(tiny_fmow[0], workdir), *changed], env, tmp_path)
+    assert status == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: Cannot resume from {workdir}/checkpoints/30 with another config: moco.queue_size=32 there, 64 "
+        "now; model.width=4 there, 8 now. To resume, pass the checkpoint's values (--config.moco.queue_size=32 "
+        "--config.model.width=4); to start a new run with the new ones, use a new --workdir.")
+    assert "Traceback" not in err and "Resumed" not in err
+    assert max(_rows(workdir)) == TOTAL_STEPS and _checkpoint_steps(workdir) == {26, 28, 30}
 
 
 def _tiny_checkpoints(directory, steps):

@@ -8,6 +8,7 @@ command, must repeat its losses and its results. The runs share a persistent XLA
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_results(tiny_fmow, env,
     for split in ("val", "test"):
         for name in ("top1", "macro_f1", "location_top1"):
             assert got["splits"][split][name] == expected["splits"][split][name]
+
+
+def test_a_resume_with_another_fine_tuning_config_is_one_error_line(tiny_fmow, env, reference, tmp_path):
+    """A changed learning rate is refused before the first step; a changed number of epochs alone would resume."""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(reference, workdir)
+    changed = ["--config.finetune.base_lr=0.1", "--config.finetune.num_epochs=4"]
+    result = _run([*_flags(tiny_fmow[0], workdir), *changed], env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: Cannot resume from {workdir}/finetune_random_checkpoints/{STEPS_PER_EPOCH * EPOCHS} with another "
+        "config: finetune.base_lr=0.2 there, 0.1 now. To resume, pass the checkpoint's values "
+        "(--config.finetune.base_lr=0.2); to start a new run with the new ones, use a new --workdir.")
+    assert "Traceback" not in result.stderr
 
 
 def _config(data_dir, **linear_eval):
