@@ -86,3 +86,11 @@ def test_tfds_build_commands_name_real_builders_and_configs(command):
     for arg in args[3:]:
         if arg.startswith("--config="):
             assert arg.split("=", 1)[1] in configs, f"{command}: no builder config {arg}"
+
+
+def test_the_readme_lists_every_field_a_resume_may_change():
+    from geo_contrast import config_lib
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text[text.index("**Resuming with another config**"):text.index("**A damaged checkpoint**")]
+    listed = set(re.findall(r"`([a-z_.]+)`", section))
+    assert {f for fields in config_lib.RESUMABLE.values() for f in fields} <= listed
