@@ -43,8 +43,10 @@ def get_config(arg=None):
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "fmow"
     c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS's default.
-    # True for `sample`: generate the fMoW-format sample and build it into WORKDIR/data when missing.
+    # True for `sample`: generate the fMoW-format sample and build it into WORKDIR/data when missing, from
+    # `sample_seed` (not config.seed, which draws the training only: every seed trains on the same data).
     c.dataset.generate_sample = False
+    c.dataset.sample_seed = 0
     c.dataset.train_split = "train"
     c.dataset.val_split = "val"
     c.dataset.test_split = "test"  # Evaluated only when the built dataset has it.
@@ -82,6 +84,16 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.optim.num_epochs = 200
 
+    # The kNN monitor of pretraining: weighted kNN top-1 (k 20, cosine, exp(sim / 0.07)) of val images against
+    # training images, read off the query encoder every `every_steps` (0: never) and at the end, on fixed random
+    # subsets of locations (0: all) so that it costs a few percent of the run.
+    c.knn = ml_collections.ConfigDict()
+    c.knn.every_steps = 5_000
+    c.knn.k = 20
+    c.knn.temperature = 0.07
+    c.knn.train_locations = 5_000
+    c.knn.val_locations = 1_000
+
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1_000
     c.keep_checkpoints = 3
@@ -92,6 +104,9 @@ def get_config(arg=None):
     )
     c.linear_eval.global_batch = 256
     c.linear_eval.num_epochs = 100
+    # "sgd": the released protocol below (epochs of SGD, the best epoch on val); "logistic": L2 logistic regression
+    # on standardised features fitted to convergence, its strength chosen on val (geo_contrast/logistic.py).
+    c.linear_eval.readout = "sgd"
     c.linear_eval.base_lr = 30.0  # main_lincls.py's default (its README uses 1).
     c.linear_eval.momentum = 0.9
     c.linear_eval.weight_decay = 0.0
@@ -154,7 +169,9 @@ def _scale_to_sample(c):
     location, hard false negatives at temperature 0.02: a 128-key queue and MoCo-v2's temperature 0.2 instead.
     A run of a few hundred steps needs a key encoder that follows faster (momentum 0.99) and a larger learning
     rate; crops of at least half the whole image keep the object in view at 64 px. Every variant cuts the same
-    crops, so the sample compares the losses, not the crops.
+    crops, so the sample compares the losses, not the crops. The frozen encoder is read by the converged logistic
+    readout (geo_contrast/logistic.py), not 60 SGD epochs selected on a few hundred images, and the sample's data
+    come from `dataset.sample_seed`: `config.seed` draws the training only, so seeds compare like with like.
     """
     c.dataset.generate_sample = True
     c.input.global_batch = 64
@@ -172,6 +189,8 @@ def _scale_to_sample(c):
     c.optim.num_epochs = 40
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
+    c.knn.every_steps = 160
+    c.knn.train_locations = c.knn.val_locations = 150  # Half of each split: ~6 % of the pretraining time.
     c.linear_eval.global_batch = 64
     c.linear_eval.base_lr = 4.0  # lr 1.0 at batch 64.
     c.linear_eval.num_epochs = 60
@@ -179,6 +198,7 @@ def _scale_to_sample(c):
     c.linear_eval.image_size = 64
     c.linear_eval.resize_size = 64
     c.linear_eval.cache_features = True
+    c.linear_eval.readout = "logistic"
     c.finetune.global_batch = 64
     c.finetune.num_epochs = 10
     c.finetune.base_lr = 0.2  # lr 0.05 at batch 64.

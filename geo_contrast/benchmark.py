@@ -150,8 +150,9 @@ def bench_input(config, steps, warmup, workdir):
     seconds = time.perf_counter() - t0
     pairs = steps * batch["query"].shape[0] * batch["query"].shape[1]
     # Decoding cost grows with the JPEGs' size: the figure is comparable only between datasets of similar size.
-    sizes = [len(jpeg) for ex in records.locations_in_order(builder, config.dataset.train_split)
-             .take(256).as_numpy_iterator() for jpeg in ex["images"]]
+    first = range(min(256, len(index.num_images)))
+    sizes = [len(jpeg) for _, ex in records.locations(builder, config.dataset.train_split, first)
+             .as_numpy_iterator() for jpeg in ex["images"]]
     return {"what": "input", "pairs_per_s": pairs / seconds, "cpus": os.cpu_count(),
             "mean_jpeg_kb": float(np.mean(sizes)) / 1e3, "region": config.input.region,
             "crop_scale": list(config.input.crop_scale), **_common(config, "host")}

@@ -78,15 +78,15 @@ def backbone_name(module):
     return f"ResNet-{module.depth}" + ("" if module.width == 64 else f" (width {module.width})")
 
 
-def results_entry(*, source, init, backbone_module, dataset, num_epochs, selection, protocol, splits):
-    """The JSON entry results.py stores for one evaluation of one init."""
+def results_entry(*, source, init, backbone_module, dataset, selected, protocol, splits):
+    """The JSON entry results.py stores for one evaluation of one init. `selected` says what was chosen on val:
+    {"selected_epoch", "num_epochs"} for an epoch, {"selected_l2"} for a regularisation strength."""
     return {
         **source,
         "init": init,
         "backbone": backbone_name(backbone_module),
         "dataset": dataset,
-        "num_epochs": num_epochs,
-        "selected_epoch": selection.epoch,
+        **selected,
         "selection": "best val top-1",
         "protocol": protocol,
         "splits": splits,

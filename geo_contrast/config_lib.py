@@ -96,6 +96,7 @@ MIN_IMAGE_SIZE = 16
 # augment.REGIONS, repeated here so that validating a config needs no TensorFlow (a test keeps the two equal).
 REGIONS = ("whole", "center_square", "box_square")
 LINEAR_EVAL_SCHEDULES = ("step", "cosine")
+READOUTS = ("sgd", "logistic")
 
 
 def scaled_lr(base_lr, global_batch):
@@ -214,6 +215,12 @@ def _validate_training(config):
             f"config.input.prefetch_batches={config.input.prefetch_batches} must be >= 1 (batches copied to the "
             "devices ahead of the step); 2 overlaps the copy with the step."
         )
+    knn = config.knn
+    if knn.every_steps < 0 or knn.k < 1 or not knn.temperature > 0 or min(knn.train_locations,
+                                                                           knn.val_locations) < 0:
+        raise ConfigError(f"config.knn: need every_steps >= 0 (0: off), k >= 1, temperature > 0 and location "
+                          f"counts >= 0 (0: all); got {knn.every_steps}, {knn.k}, {knn.temperature}, "
+                          f"{knn.train_locations}, {knn.val_locations}.")
     if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
         raise ConfigError(
             f"config.log_every_steps={config.log_every_steps} and config.checkpoint_every_steps="
@@ -222,6 +229,8 @@ def _validate_training(config):
 
 
 def _validate_linear_eval(lc, num_local_devices):
+    if lc.readout not in READOUTS:
+        raise ConfigError(f"config.linear_eval.readout={lc.readout!r}; choose one of {list(READOUTS)}.")
     if lc.schedule not in LINEAR_EVAL_SCHEDULES:
         raise ConfigError(f"config.linear_eval.schedule={lc.schedule!r}; choose one of "
                           f"{list(LINEAR_EVAL_SCHEDULES)}.")
@@ -308,6 +317,7 @@ _RESUMABLE_IN_ANY_STAGE = (
     "dataset.data_dir", "dataset.generate_sample",  # Where the same built dataset is read.
     "input.prefetch_batches", "model.compute_dtype",  # Speed: the same parameters, computed in another precision.
     "linear_eval",  # Has no checkpoint: it runs whole, after training.
+    "knn",  # A monitor: it reads the encoder and changes nothing.
 )
 RESUMABLE = {
     # A longer (or shorter) run: its cosine spans the new number of epochs from the resumed step on.

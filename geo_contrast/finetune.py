@@ -211,7 +211,7 @@ def _finetune(config, workdir, stop):
                 "region": fc.region, "momentum": fc.momentum, "weight_decay": fc.weight_decay}
     entry = classification.results_entry(
         source=backbone.source, init=fc.init, backbone_module=backbone.module, dataset=config.dataset.name,
-        num_epochs=fc.num_epochs, selection=best, protocol=protocol, splits=splits)
+        selected={"selected_epoch": best.epoch, "num_epochs": fc.num_epochs}, protocol=protocol, splits=splits)
     if jax.process_index() == 0:
         print(results.update(workdir, key, entry, stage=STAGE), flush=True)
     return Outcome(entry, None)

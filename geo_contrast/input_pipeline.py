@@ -223,10 +223,10 @@ def with_geo_labels(batches, centroids):
 # Evaluation views: one element per image (the stored examples are locations)
 
 
-def split_images(builder, split, region="whole", box_context=2.0):
-    """One element per image of `split`: {"image": its `region` decoded (float32 [0, 1], augment.decode_region),
-    "label", "location": the location's index}. Locations are read in the split's stored order, so the index is
-    stable across reads."""
+def split_images(builder, split, region="whole", box_context=2.0, locations=None):
+    """One element per image of `split` (or of its `locations`, indices in the split): {"image": its `region`
+    decoded (float32 [0, 1], augment.decode_region), "label", "location": the location's index in the split},
+    locations in stored (or the given) order, a location's images in time order."""
 
     def expand(index, location):
         n = tf.shape(location["images"])[0]
@@ -238,7 +238,7 @@ def split_images(builder, split, region="whole", box_context=2.0):
         return {"image": augment.decode_region(ex["jpeg"], region, ex["box"], box_context), "label": ex["label"],
                 "location": ex["location"]}
 
-    images = records.locations_in_order(builder, split).enumerate().flat_map(expand)
+    images = records.locations(builder, split, locations).flat_map(expand)
     return images.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -262,10 +262,11 @@ def _padded_batches(dataset, batch_size):
         yield pad_batch(batch, batch_size)
 
 
-def eval_batches(builder, split, *, image_size, resize_size, batch_size, region="whole", box_context=2.0):
-    """Padded batches {"image", "label", "location", "weight"} of `split` under the eval transform of the
-    `region` (augment.eval_view: resize the shorter side, centre crop)."""
-    dataset = split_images(builder, split, region, box_context).map(
+def eval_batches(builder, split, *, image_size, resize_size, batch_size, region="whole", box_context=2.0,
+                 locations=None):
+    """Padded batches {"image", "label", "location", "weight"} of `split` (or of its `locations`) under the eval
+    transform of the `region` (augment.eval_view: resize the shorter side, centre crop)."""
+    dataset = split_images(builder, split, region, box_context, locations).map(
         lambda ex: {**ex, "image": augment.eval_view(ex["image"], image_size, resize_size)},
         num_parallel_calls=tf.data.AUTOTUNE)
     return _padded_batches(dataset, batch_size)

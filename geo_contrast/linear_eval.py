@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax import lax
 
 from geo_contrast import backbones
@@ -41,18 +42,11 @@ from geo_contrast import config_lib
 from geo_contrast import devices
 from geo_contrast import evaluation
 from geo_contrast import input_pipeline
+from geo_contrast import logistic
 from geo_contrast import metric_writer
 from geo_contrast import records
 from geo_contrast import results
 from geo_contrast import workdir as workdir_lib
-
-
-def backbone_features(module, variables, images):
-    """Pooled features of the backbone in inference mode (BN running statistics, nothing updated), float32."""
-    return module.apply(variables, images, train=False).astype(jnp.float32)
-
-
-_p_features = devices.pmap(backbone_features, local=True, static_broadcasted_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,7 +55,7 @@ _p_features = devices.pmap(backbone_features, local=True, static_broadcasted_arg
 
 def extract_split(module, variables, builder, split, lc):
     """Features of every image of `split` under the eval transform (`.outputs`); `variables` replicated."""
-    return evaluation.forward_split(functools.partial(_p_features, module), variables, builder, split, lc)
+    return evaluation.forward_split(evaluation.features_of(module), variables, builder, split, lc)
 
 
 def feature_batches(features, labels, batch_size, *, seed, epoch):
@@ -100,7 +94,7 @@ def probe_step(state, batch, lr, backbone, head, momentum, weight_decay):
     """
     features = batch["inputs"]
     if backbone is not None:
-        features = lax.stop_gradient(backbone_features(backbone, state.backbone, features))
+        features = lax.stop_gradient(evaluation.backbone_features(backbone, state.backbone, features))
     count = jnp.maximum(lax.psum(jnp.sum(batch["weight"]), devices.AXIS), 1.0)
 
     def loss_fn(params):
@@ -171,7 +165,29 @@ def evaluate(config, workdir):
     key = backbones.results_key(lc.init, backbone)
     variables = devices.replicate(backbone.variables)
     extract = functools.partial(extract_split, backbone.module, variables, builder, lc=lc)
+    # A probe is never resumed: a rerun trains from the start and replaces the earlier run's per-epoch rows.
+    writer = metric_writer.MetricWriter(workdir, prefix=workdir_lib.stage_prefix("linear_eval", key),
+                                        resume_step=0)
+    test = config.dataset.test_split if config.dataset.test_split in builder.info.splits else None
+    try:
+        readout = _logistic if lc.readout == "logistic" else _sgd_probe
+        splits, selected, protocol = readout(config, builder, extract, label_feature.num_classes, class_names,
+                                             backbone, writer, key, test)
+    finally:
+        writer.close()
+    entry = classification.results_entry(
+        source=backbone.source, init=lc.init, backbone_module=backbone.module, dataset=config.dataset.name,
+        selected=selected, protocol={"readout": lc.readout, "image_size": lc.image_size,
+                                     "resize_size": lc.resize_size, "region": lc.region, **protocol},
+        splits=splits)
+    if jax.process_index() == 0:
+        print(results.update(workdir, key, entry), flush=True)
+    return entry
 
+
+def _sgd_probe(config, builder, extract, num_classes, class_names, backbone, writer, key, test):
+    """The released protocol: SGD epochs on the classifier, the best val epoch kept, test scored once."""
+    lc = config.linear_eval
     val = extract(config.dataset.val_split)
     if lc.cache_features:
         train = extract(config.dataset.train_split)
@@ -185,29 +201,35 @@ def evaluate(config, workdir):
             records.read_location_index(builder, config.dataset.train_split), image_size=lc.image_size,
             resize_size=lc.resize_size, batch_size=lc.global_batch, seed=config.seed, region=lc.region,
             box_context=lc.box_context)
-    head = classification.head(label_feature.num_classes)
+    head = classification.head(num_classes)
     state = init_probe_state(backbone.variables, head, backbone.module.feature_dim, seed=config.seed,
                              momentum=lc.momentum, weight_decay=lc.weight_decay)
-    state = devices.replicate(state)
-    # A probe is never resumed: a rerun trains from epoch 1 and replaces the earlier run's per-epoch rows.
-    writer = metric_writer.MetricWriter(workdir, prefix=workdir_lib.stage_prefix("linear_eval", key),
-                                        resume_step=0)
-    try:
-        _, best = train_classifier(state, lambda epoch: epoch_batches(epoch=epoch), val, class_names, lc=lc,
-                                   head=head, backbone=step_backbone, writer=writer, name=key)
-    finally:
-        writer.close()
-
+    _, best = train_classifier(devices.replicate(state), lambda epoch: epoch_batches(epoch=epoch), val,
+                               class_names, lc=lc, head=head, backbone=step_backbone, writer=writer, name=key)
     splits = {"val": best.val}
-    if config.dataset.test_split in builder.info.splits:
-        test = extract(config.dataset.test_split)
-        splits["test"] = evaluate_split(head, best.params, test, class_names)
+    if test is not None:
+        splits["test"] = evaluate_split(head, best.params, extract(test), class_names)
     protocol = {"cache_features": bool(lc.cache_features), "global_batch": lc.global_batch,
-                "peak_lr": config_lib.scaled_lr(lc.base_lr, lc.global_batch), "schedule": lc.schedule,
-                "image_size": lc.image_size, "resize_size": lc.resize_size}
-    entry = classification.results_entry(
-        source=backbone.source, init=lc.init, backbone_module=backbone.module, dataset=config.dataset.name,
-        num_epochs=lc.num_epochs, selection=best, protocol=protocol, splits=splits)
+                "peak_lr": config_lib.scaled_lr(lc.base_lr, lc.global_batch), "schedule": lc.schedule}
+    return splits, {"selected_epoch": best.epoch, "num_epochs": lc.num_epochs}, protocol
+
+
+def _logistic(config, builder, extract, num_classes, class_names, backbone, writer, key, test):
+    """The converged readout (logistic.py): standardised features, L2 logistic regression for each strength,
+    the best val top-1 kept, test scored once."""
+    train, val = extract(config.dataset.train_split), extract(config.dataset.val_split)
+    fit, standardise, scores = logistic.fit_on_val(train.outputs, train.labels, val.outputs, val.labels,
+                                                   num_classes)
+    for i, (strength, top1) in enumerate(sorted(scores.items(), reverse=True), start=1):
+        writer.write(i, {"l2": strength, "val_top1": top1})
+    if not fit.converged:
+        logging.warning("linear_eval[%s]: the logistic regression at l2=%g stopped before converging.", key,
+                        fit.strength)
     if jax.process_index() == 0:
-        print(results.update(workdir, key, entry), flush=True)
-    return entry
+        print(f"linear_eval[{key}] logistic readout: l2 {fit.strength:.3g} selected on val "
+              f"(top-1 {100 * scores[fit.strength]:.2f}) from {len(scores)} strengths", flush=True)
+    splits = {"val": classification.report(fit.logits(standardise(val.outputs)), val, class_names)}
+    if test is not None:
+        scored = extract(test)
+        splits["test"] = classification.report(fit.logits(standardise(scored.outputs)), scored, class_names)
+    return splits, {"selected_l2": fit.strength}, {"strengths": len(scores), "converged": fit.converged}

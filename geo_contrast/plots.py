@@ -45,6 +45,7 @@ _DPI = 100
 _CURVE_PANELS = (
     ("loss", ("loss", "info_nce", "geo_ce")),
     ("accuracy", ("contrastive_accuracy", "geo_accuracy")),
+    ("kNN top-1 (val)", ("knn_top1",)),
     ("learning rate", ("lr",)),
 )
 _METRIC_TITLES = {"f1": "F1", "accuracy": "accuracy", "top1": "top-1"}
@@ -58,15 +59,16 @@ def read_metrics(path: str) -> dict:
     """{metric: (steps, values)} from a metrics.jsonl, steps ascending.
 
     A resumed run re-logs the steps between its last checkpoint and the interruption, appending them again;
-    the last row of a step wins, as it is the one the checkpointed run continued from. Lines that are not rows
-    (metric_writer.parse_row) are skipped with a warning: a figure of the valid rows beats no figure.
+    a metric's last value at a step wins, as it is the one the checkpointed run continued from. Rows of one step
+    merge: the kNN monitor writes its reading as a row of its own beside the step's training metrics. Lines that
+    are not rows (metric_writer.parse_row) are skipped with a warning: a figure of the valid rows beats no figure.
     """
     rows, skipped = {}, 0
     with open(path, "rb") as f:
         for line in f:
             row = metric_writer.parse_row(line)
             if row is not None:
-                rows[int(row["step"])] = row
+                rows.setdefault(int(row["step"]), {}).update(row)
             elif line.strip():
                 skipped += 1
     if skipped:
@@ -179,6 +181,32 @@ def per_class_figure(values: dict, title: str, metric: str) -> Figure:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title)
+    return fig
+
+
+def sweep_figure(table: dict) -> Figure:
+    """A sweep's table (sweep.aggregate): per evaluation, each row's val top-1 as a bar with its sd over seeds as
+    an error bar and every seed as a dot; the random init's mean dashed."""
+    sections = table["sections"]
+    fig = Figure(figsize=(3 + 1.6 * len(table["rows"]), 4 * max(len(sections), 1)), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(max(len(sections), 1), 1, squeeze=False)[:, 0]
+    for ax, section in zip(axes, sections):
+        names, means, sds = [], [], []
+        for x, row in enumerate(table["rows"]):
+            cell = row["sections"][section]["val"]
+            names.append(row["row"])
+            means.append(np.nan if cell["top1"]["mean"] is None else cell["top1"]["mean"])
+            sds.append(cell["top1"]["sd"] or 0.0)
+            seeds = [v for v in cell["per_seed"].values() if v is not None]
+            ax.scatter(np.full(len(seeds), x) + np.linspace(-0.15, 0.15, len(seeds)), seeds, s=12, color="black",
+                       zorder=3)
+            if row["row"] == "random init" and cell["top1"]["mean"] is not None:
+                ax.axhline(cell["top1"]["mean"], color="grey", linestyle="--", linewidth=1)
+        ax.bar(np.arange(len(names)), means, yerr=sds, capsize=6, color=colormaps["viridis"](0.55), alpha=0.8)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set(ylabel="val top-1 (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"{section}: mean ± sd over seeds {', '.join(map(str, table['seeds']))} (dots: seeds)")
     return fig
 
 

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from geo_contrast import checkpointing
 from geo_contrast import config_lib
 from geo_contrast import devices
+from geo_contrast import evaluation
 from geo_contrast import geo_clusters
 from geo_contrast import input_pipeline
 from geo_contrast import metric_writer
@@ -125,12 +126,33 @@ def _pretrain(config, workdir, stop):
             "steps_per_epoch": steps_per_epoch, "train_images": total_images}
     writer = metric_writer.MetricWriter(workdir, resume_step=start_step)
     progress = metric_writer.Progress(total_steps, global_batch, start_step)
+    after_step = _knn_monitor(config, builder, model, train_index, writer, total_steps)
     logging.info("Pretraining %s: %d images, %d steps/epoch, %d steps, global batch %d on %d devices of %d "
                  "processes.", config.variant, total_images, steps_per_epoch, total_steps, global_batch,
                  jax.device_count(), jax.process_count())
     step, stopped_by = train_loop.train(
         p_step, devices.replicate(state), batches, mngr=mngr, writer=writer, start_step=start_step,
         end_step=total_steps, stop=stop, progress=progress, log_every=config.log_every_steps,
-        checkpoint_every=config.checkpoint_every_steps,
+        checkpoint_every=config.checkpoint_every_steps, after_step=after_step,
         save=lambda step, state: checkpointing.save(mngr, step, devices.unreplicate(state), meta))
     return Outcome(step, total_steps, stopped_by)
+
+
+def _knn_monitor(config, builder, model, train_index, writer, total_steps):
+    """The loop's after-step hook that reads the kNN monitor every config.knn.every_steps and at the end (a no-op
+    when every_steps is 0), writing `knn_top1` to the metrics and the console."""
+    every = config.knn.every_steps
+    if every <= 0:
+        return lambda step, state: None
+    monitor = evaluation.KnnMonitor(config, builder, model.encoder.backbone, train_index,
+                                    builder.info.splits[config.dataset.val_split].num_examples)
+
+    def read(step, state):
+        if step % every and step != total_steps:
+            return
+        top1 = monitor(state)
+        writer.write(step, {"knn_top1": top1})
+        if jax.process_index() == 0:
+            print(f"step {step}/{total_steps}  kNN top-1 {100 * top1:.2f} (val, k={config.knn.k})", flush=True)
+
+    return read

@@ -94,21 +94,22 @@ class LocationParser:
                 "boxes": whole}
 
 
-def serialized_in_order(records):
-    """Every record of the split, in stored order, as a tf.data stream of serialized examples."""
+def locations(builder, split, indices=None):
+    """The locations at `indices` of `split` (default: every one, in stored order) as a tf.data stream of
+    (index, parsed location: LocationParser's dict), images left encoded."""
+    split_records = SplitRecords(builder, split)
+    indices = np.arange(len(split_records)) if indices is None else np.asarray(indices, np.int64)
 
     def chunks():
-        for start in range(0, len(records), _READ_CHUNK):
-            yield records.read(range(start, min(start + _READ_CHUNK, len(records))))
+        for start in range(0, len(indices), _READ_CHUNK):
+            chunk = indices[start:start + _READ_CHUNK]
+            yield chunk, split_records.read(chunk)
 
-    return tf.data.Dataset.from_generator(chunks, output_signature=tf.TensorSpec([None], tf.string)).unbatch()
-
-
-def locations_in_order(builder, split):
-    """`split` in stored order as parsed locations (LocationParser's dicts), images left encoded."""
     parse = LocationParser(builder)
-    return serialized_in_order(SplitRecords(builder, split)).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                                                                deterministic=True)
+    signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string))
+    return tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch().map(
+        lambda index, serialized: (index, parse(serialized)), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +138,8 @@ class LocationIndex:
 
 def read_location_index(builder, split):
     """Reads coordinates and image counts of every location in `split`, without decoding any image."""
-    ds = locations_in_order(builder, split).map(
-        lambda ex: (ex["coordinates"], tf.shape(ex["images"], out_type=tf.int64)[0]))
+    ds = locations(builder, split).map(
+        lambda _, ex: (ex["coordinates"], tf.shape(ex["images"], out_type=tf.int64)[0]))
     coords, counts = [], []
     for c, n in ds.batch(4096).as_numpy_iterator():
         coords.append(c)

@@ -61,7 +61,7 @@ def render_markdown(all_results):
     by_stage = {stage: all_results.get(stage, {}) for stage in STAGES}
     keys = sorted({k for entries in by_stage.values() for k in entries},
                   key=lambda k: (k == RANDOM, k != "pretrained", k))
-    header = ["init", "variant", "pretraining steps", "backbone", "selected epoch (frozen / fine-tuned)", "split"]
+    header = ["init", "variant", "pretraining steps", "backbone", "selected on val (frozen / fine-tuned)", "split"]
     header += [f"{title} {label}" for _, title in _COLUMNS for label in ("frozen", "fine-tuned")]
     lines = [
         "# Results",
@@ -77,7 +77,7 @@ def render_markdown(all_results):
     for key in keys:
         entries = [by_stage[stage].get(key) for stage in STAGES]
         first = next(e for e in entries if e is not None)
-        epochs = " / ".join(f"{e['selected_epoch']}/{e['num_epochs']}" if e else "-" for e in entries)
+        epochs = " / ".join(_selected(e) for e in entries)
         cells = [key, first.get("variant") or "-", _steps(first), first["backbone"], epochs]
         for split in _ordered_splits({s for e in entries if e for s in e["splits"]}):
             values = [_cell(e, split, name) for name, _ in _COLUMNS for e in entries]
@@ -92,6 +92,15 @@ def render_markdown(all_results):
             if any(m != "-" for m in margins):
                 lines.append("| " + " | ".join([f"{key} - random"] + [""] * 4 + [split] + margins) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _selected(entry):
+    """What an evaluation chose on val: "38/60" (its epoch) or "l2 0.001" (the logistic readout's strength)."""
+    if entry is None:
+        return "-"
+    if entry.get("selected_l2") is not None:
+        return f"l2 {entry['selected_l2']:.3g}"
+    return f"{entry['selected_epoch']}/{entry['num_epochs']}"
 
 
 def _margin(entry, floor, split, name):

@@ -41,6 +41,6 @@ def prepare_if_sample(config, workdir):
         return
     manual_dir = workdir_lib.sample_manual_dir(workdir, dataset)
     if not os.path.isdir(manual_dir):
-        summary = generate(manual_dir, config.seed)
+        summary = generate(manual_dir, config.dataset.sample_seed)
         logging.info("Generated the %s sample in %s: %s", dataset, manual_dir, summary)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))

@@ -56,9 +56,10 @@ def _read(path):
 
 
 def _rows(workdir):
-    """{step: loss} of metrics.jsonl, asserting that no step appears twice."""
+    """{step: loss} of metrics.jsonl's training rows (the kNN monitor's rows aside), asserting that no step
+    appears twice."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.endswith("\n")]
+        rows = [row for line in f if line.endswith("\n") and "loss" in (row := json.loads(line))]
     steps = [r["step"] for r in rows]
     assert len(steps) == len(set(steps)), f"duplicated steps in metrics.jsonl: {steps}"
     return {r["step"]: r["loss"] for r in rows}
@@ -96,6 +97,15 @@ def reference(reference_workdir):
     rows = _rows(reference_workdir)
     assert sorted(rows) == list(range(1, TOTAL_STEPS + 1))
     return rows
+
+
+def test_the_knn_monitor_reads_the_end_of_the_run_into_the_metrics_and_the_console(reference_workdir):
+    """The sample's monitor reads every 160 steps and at the end: this 30-step run reads once, at step 30."""
+    with open(os.path.join(reference_workdir, "metrics.jsonl")) as f:
+        readings = [row for row in map(json.loads, f) if "knn_top1" in row]
+    assert [row["step"] for row in readings] == [TOTAL_STEPS] and 0 <= readings[0]["knn_top1"] <= 1
+    out = (reference_workdir / "stdout").read_text()
+    assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}  kNN top-1 {100 * readings[0]['knn_top1']:.2f} (val, k=20)" in out
 
 
 # Our modules: the only ones whose INFO records the console shows.

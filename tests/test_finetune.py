@@ -82,10 +82,18 @@ def test_selects_the_best_val_epoch_and_scores_test_once(reference):
         assert "top-1 fine-tuned" in f.read()
 
 
+def _latest_step(directory):
+    """The newest checkpoint step, 0 for none; a listing that races the run's deletion of an old one is retried."""
+    try:
+        return max(checkpointing.reader(directory).all_steps(), default=0) if os.path.isdir(directory) else 0
+    except FileNotFoundError:
+        return 0
+
+
 def _wait_for_checkpoint(workdir, process, step, timeout=300):
     directory = os.path.join(workdir, "finetune_random_checkpoints")
     deadline = time.monotonic() + timeout
-    while not (os.path.isdir(directory) and max(checkpointing.reader(directory).all_steps(), default=0) >= step):
+    while _latest_step(directory) < step:
         assert process.poll() is None, f"the run ended (status {process.returncode}) before checkpoint {step}"
         assert time.monotonic() < deadline, f"timed out waiting for checkpoint {step}"
         time.sleep(0.05)

@@ -205,7 +205,7 @@ def test_footprints_put_the_box_centre_of_every_revisit_on_one_point(small_tree)
 
 
 def test_summary_counts_what_is_on_disk(small_tree, default_tree):
-    for (root, summary), expected in ((small_tree, SMALL), (default_tree, {"train": 300, "val": 80, "test": 80})):
+    for (root, summary), expected in ((small_tree, SMALL), (default_tree, {"train": 300, "val": 300, "test": 300})):
         locations = _locations(root)
         on_disk = {
             split: {
@@ -266,7 +266,7 @@ def test_default_tree_spans_the_antimeridian_and_the_poles(default_tree):
 
 def test_default_tree_is_small(default_tree):
     total = sum(len(data) for data in _files(default_tree[0]).values())
-    assert total < 10 * 2**20, total
+    assert total < 16 * 2**20, total  # 900 locations (300 per split), ~3,200 images.
 
 
 def test_cli_writes_the_tree_and_refuses_a_non_empty_directory(tmp_path):
@@ -363,10 +363,10 @@ def test_surroundings_follow_the_place(default_tree):
     near = pair & (ids[:, None] != ids[None]) & (angle < 5)
     far = pair & (angle > 30)
     assert same.sum() > 100 and near.sum() > 100 and far.sum() > 1000
-    # Revisits share the place's style but not its noise pattern (no per-location fingerprint), so they sit
-    # between neighbours and one location's fixed ground.
-    assert distance[same].mean() < 0.7 * distance[far].mean()
-    assert distance[same].mean() < distance[near].mean() < 0.8 * distance[far].mean()
+    # Revisits share a hint of the place's style (their ground changes between visits, and no noise pattern is
+    # shared: no per-location fingerprint), so they agree more than places far apart, but not by much.
+    assert 0.6 * distance[far].mean() < distance[same].mean() < 0.9 * distance[far].mean()
+    assert distance[near].mean() < 0.9 * distance[far].mean()
 
 
 def _box_features(root, split):

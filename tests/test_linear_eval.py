@@ -18,6 +18,7 @@ from geo_contrast import classification
 from geo_contrast import devices
 from geo_contrast import input_pipeline
 from geo_contrast import linear_eval
+from geo_contrast import logistic
 from geo_contrast import metric_writer
 from geo_contrast import records
 from geo_contrast import results
@@ -37,7 +38,7 @@ def _config(data_dir, **linear_eval):
     c.model.width = 8
     c.moco.queue_size = 128
     c.linear_eval.update(dict(init="random", global_batch=16, num_epochs=3, decay_epochs=(2,), base_lr=4.0,
-                              image_size=32, resize_size=32, cache_features=True))
+                              image_size=32, resize_size=32, cache_features=True, readout="sgd"))
     c.linear_eval.update(linear_eval)
     return c
 
@@ -168,6 +169,18 @@ def test_selects_on_val_and_evaluates_test_once(data_dir, tmp_path, monkeypatch)
     assert entry["splits"]["test"]["location_top1"] == pytest.approx(np.mean(votes.argmax(1) == location_labels))
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["linear_eval"]["random"]["selected_epoch"] == 2
+
+
+def test_the_logistic_readout_keeps_the_best_val_strength_and_scores_test_with_it(data_dir, tmp_path):
+    entry = linear_eval.evaluate(_config(data_dir, readout="logistic"), str(tmp_path))
+    with open(workdir_lib.metrics_path(str(tmp_path), workdir_lib.stage_prefix("linear_eval", "random"))) as f:
+        rows = [json.loads(line) for line in f]
+    assert sorted(row["l2"] for row in rows) == sorted(logistic.STRENGTHS)
+    best = max(row["val_top1"] for row in rows)
+    assert entry["splits"]["val"]["top1"] == pytest.approx(best)
+    assert entry["selected_l2"] == max(row["l2"] for row in rows if row["val_top1"] == best)
+    assert set(entry["splits"]) == {"val", "test"} and entry["protocol"]["readout"] == "logistic"
+    assert "selected_epoch" not in entry
 
 
 @pytest.fixture(scope="module")

@@ -53,12 +53,13 @@ def _start(data_dir, workdir, devices, log, *extra):
 
 
 def _rows(workdir):
-    """The rows of metrics.jsonl, asserting one row per step (a single writer) from step 1 on."""
+    """The training rows of metrics.jsonl (the kNN monitor's aside), asserting one row per step (a single
+    writer) from step 1 on."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.endswith("\n")]
+        rows = [row for line in f if line.endswith("\n") and "loss" in (row := json.loads(line))]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     return rows
 

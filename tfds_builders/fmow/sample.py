@@ -1,7 +1,7 @@
 r"""A small synthetic fMoW-rgb tree with learnable structure, for tests, the TFDS builder's dummy data and demos.
 
-    python -m tfds_builders.fmow.sample OUT_DIR [--seed 0] [--train_locations 300] [--val_locations 80] \
-        [--test_locations 80] [--grain 0.01]
+    python -m tfds_builders.fmow.sample OUT_DIR [--seed 0] [--train_locations 300] [--val_locations 300] \
+        [--test_locations 300] [--grain 0.01]
 
 The tree has the fMoW release's exact layout and per-image JSON schema (github.com/fMoW/dataset):
 
@@ -22,13 +22,15 @@ Locations
 - 1..6 images per location. The file index `<t>` is a permutation of 0..n-1 that is never the time order
   (when n > 1), as in the release, so a consumer that forgets to sort by `timestamp` is caught.
 
-Surroundings: a function of the place
+Surroundings: a function of the place, changed by time
 - Terrain colours, texture scale and texture contrast are smooth functions of the location's unit-sphere
   vector (random Fourier features of xyz, fixed once for the whole synthetic world, independent of the seed),
   plus snow towards the poles. Nearby locations look alike, far ones differ, and nothing jumps at lon = +-180.
-- Each image draws its own noise field from its place's style: revisits share the ground's colours and texture
-  statistics, but no pixel pattern. A location's ground is then no fingerprint: telling a location from its
-  neighbours (which look alike) takes the object, so contrastive pretraining has to learn the object's shape.
+- Each visit blends its place's style with that of a random place on the globe (weight 0.2-0.6), as land
+  cover changes between visits, and draws its own noise field: revisits share a hint of the ground's colours
+  and texture statistics, and no pixel pattern. This is the change temporal positives teach invariance to: no
+  crop or colour jitter of one image turns its ground into another visit's, so two views of one image (MoCo-v2)
+  can be matched by their ground, two visits (TP) only by what stays: the object.
 
 Object: a function of the class only
 - The i-th class draws the i-th shape of `_SHAPES` (cross, horizontal stripes, concentric squares,
@@ -41,10 +43,10 @@ Object: a function of the class only
   the box centre keeps 0.75 box sides of margin where the image allows, so such a crop mostly stays inside.
 
 Time: nuisance, never class
-- Per image: object position, size (+-10%) and rotation (+-~5 degrees around a per-location angle) jitter;
-  image size varies; the object and pad colours are redrawn (were they fixed per location, a colour pair would
-  identify a location and contrastive learning would stop at colour, never reaching shape). Temporal positives
-  must be matched by the object's shape, not by pixels or colours.
+- Per image: object position, size (42-60 % of the shorter side), aspect and rotation (+-12 degrees) are
+  drawn afresh; image size varies; the object and pad colours are redrawn (were they fixed per location, a
+  colour pair would identify a location and contrastive learning would stop at colour, never reaching shape).
+  A location's visits share the shape and a hint of their ground: temporal positives are matched by the shape.
 - Timestamps: distinct days between 2002 and 2017 at about 10:30 local solar time (converted to UTC with the
   longitude), only on days when the sun is at least 5 degrees up (no polar-night images).
 - Illumination follows the sun: brightness from the solar elevation (reported in `sun_elevation_dbl`),
@@ -89,7 +91,8 @@ _SAMPLE_CLASS_NAMES = frozenset(
 SAMPLE_CLASSES = tuple(name for name in CLASS_NAMES if name in _SAMPLE_CLASS_NAMES)
 assert len(SAMPLE_CLASSES) == len(_SAMPLE_CLASS_NAMES), "a sample class is not in CLASS_NAMES"
 
-_DEFAULT_LOCATIONS = {"train": 300, "val": 80, "test": 80}  # Labelled test: selection on val, test once.
+# Labelled test: selection on val, test once; val and test large enough that a selection on val is not noise.
+_DEFAULT_LOCATIONS = {"train": 300, "val": 300, "test": 300}
 _SPLITS = ("train", "val", "test")  # Allowed split names; `test` in the labelled layout, for builder tests.
 _MAX_IMAGES_PER_LOCATION = 6
 _JPEG_QUALITY = 80
@@ -232,6 +235,20 @@ def _terrain_style(lat, lon, world=_WORLD):
         colours=np.stack(colours),
         cells=3.0 + 9.0 * _sigmoid(2.0 * world.scale_weights @ features),
         contrast=0.4 + 0.6 * _sigmoid(2.0 * world.contrast_weights @ features),
+    )
+
+
+def _revisit_style(rng, place, world=_WORLD):
+    """The ground of one visit: the place's style blended with that of a random place on the globe (weight
+    0.2-0.6), as land cover changes between visits (a harvested field, a flood, a burn scar, new construction).
+    Revisits then share only a hint of their place's colours and texture, a change no colour jitter or crop
+    imitates."""
+    lat, lon = np.degrees(np.arcsin(rng.uniform(-1.0, 1.0))), rng.uniform(-180.0, 180.0)
+    other, weight = _terrain_style(lat, lon, world), rng.uniform(0.2, 0.6)
+    return _TerrainStyle(
+        colours=(1 - weight) * place.colours + weight * other.colours,
+        cells=float(np.exp((1 - weight) * np.log(place.cells) + weight * np.log(other.cells))),
+        contrast=float((1 - weight) * place.contrast + weight * other.contrast),
     )
 
 
@@ -479,14 +496,11 @@ def _plan_location(seed, split, loc_index, category, category_index, size_range)
     n = int(rng.integers(1, _MAX_IMAGES_PER_LOCATION + 1))
     timestamps, day_of_year, local_hour = _plan_times(rng, lat, lon, n)
     object_metres = rng.uniform(30.0, 70.0)
-    side_fraction, aspect = rng.uniform(0.46, 0.56), np.exp(rng.uniform(-0.12, 0.12))
-    base_rotation = rng.uniform(-7.0, 7.0)
     images = []
     for t in range(n):
         width = int(rng.integers(size_range[0], size_range[1] + 1))
         height = int(np.clip(round(width * np.exp(rng.uniform(-0.15, 0.15))), *size_range))
-        fraction = np.clip(side_fraction * np.exp(rng.uniform(-0.1, 0.1)), 0.42, 0.6)
-        box = _plan_box(rng, width, height, fraction, aspect)
+        box = _plan_box(rng, width, height, rng.uniform(0.42, 0.6), np.exp(rng.uniform(-0.12, 0.12)))
         images.append(
             _ImagePlan(
                 t=t,
@@ -494,7 +508,7 @@ def _plan_location(seed, split, loc_index, category, category_index, size_range)
                 width=width,
                 height=height,
                 box=box,
-                rotation_deg=float(np.clip(base_rotation + rng.normal(0.0, 2.5), -12.0, 12.0)),
+                rotation_deg=float(rng.uniform(-12.0, 12.0)),
                 colours=_OBJECT_PALETTE[_COLOUR_PAIRS[rng.integers(len(_COLOUR_PAIRS))]],
                 gsd=float(np.clip(object_metres / np.sqrt(box[2] * box[3]), 0.3, 2.0)),
                 sun_elevation_deg=float(_solar_elevation_deg(lat, day_of_year[t], local_hour[t])),
@@ -694,8 +708,8 @@ def generate(
     Args:
       out_dir: a new or empty directory.
       seed: everything written is a deterministic function of it.
-      locations_per_split: {split: number of locations}, splits among train/val/test; default train 300, val 80,
-        test 80.
+      locations_per_split: {split: number of locations}, splits among train/val/test; default 300 each
+        (val and test as large as train, so that selecting on val and scoring test are not noise).
       classes: fMoW class names, at most 8; the i-th is drawn as the i-th shape. Default SAMPLE_CLASSES.
       image_size_range: (low, high) of image widths and heights, in pixels.
       grain: standard deviation of the per-pixel sensor noise (pixels in [0, 1]). `BENCHMARK_GRAIN` makes the
@@ -721,10 +735,10 @@ def generate(
             location = _plan_location(seed, split, i, classes[class_id], per_class[class_id], image_size_range)
             per_class[class_id] += 1
             style = _terrain_style(location.lat, location.lon)
-            canvases = [
-                _terrain_canvas(np.random.default_rng([location.terrain_seed, plan.t]), style, canvas_size)
-                for plan in location.images
-            ]
+            canvases = []
+            for plan in location.images:
+                rng = np.random.default_rng([location.terrain_seed, plan.t])
+                canvases.append(_terrain_canvas(rng, _revisit_style(rng, style), canvas_size))
             images += _write_location(out_dir, location, _SHAPES[class_id], canvases, box_id, grain)
             box_id += len(location.images)
         summary[split] = {"locations": int(n_locations), "images": images}
