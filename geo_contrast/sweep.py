@@ -259,7 +259,7 @@ def main(argv=None):
     except (SweepError, OSError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    command = shlex.join(["python -m geo_contrast.sweep"] + argv)
+    command = " ".join(["python -m geo_contrast.sweep", shlex.join(a for a in argv if a != "--table_only")])
     failures = 0
     if not args.table_only:
         cells = [(v, s) for s in seeds for v in variants]
