@@ -32,15 +32,22 @@ class Standardiser:
         return (np.asarray(features, np.float64) - self.mean) / self.scale
 
 
+def _unpack(flat, d, c):
+    """(W [D, C], b [C]) of the solver's flat parameter vector [W row-major, b]."""
+    return flat[:d * c].reshape(d, c), flat[d * c:]
+
+
+def _log_probs(features, weights, bias):
+    logits = features @ weights + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
 def _objective(flat, features, onehot, strength):
     """Mean cross-entropy + strength / 2 * ||W||^2 and its gradient, for flat = [W (D x C), b (C)]."""
     n, d = features.shape
-    c = onehot.shape[1]
-    weights, bias = flat[:d * c].reshape(d, c), flat[d * c:]
-    logits = features @ weights + bias
-    logits -= logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    log_probs = logits - log_norm
+    weights, bias = _unpack(flat, d, onehot.shape[1])
+    log_probs = _log_probs(features, weights, bias)
     loss = -np.sum(onehot * log_probs) / n + 0.5 * strength * np.sum(weights * weights)
     residual = (np.exp(log_probs) - onehot) / n
     gradient = np.concatenate([(features.T @ residual + strength * weights).ravel(), residual.sum(axis=0)])
@@ -52,11 +59,8 @@ def _hessian_product(flat, vector, features, onehot, strength):
     probabilities P and Z = X V + v_b, the data term's product is X^T R / n with R = P * (Z - rowsum(P * Z))."""
     n, d = features.shape
     c = onehot.shape[1]
-    weights, bias = flat[:d * c].reshape(d, c), flat[d * c:]
-    logits = features @ weights + bias
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    v_weights, v_bias = vector[:d * c].reshape(d, c), vector[d * c:]
+    probs = np.exp(_log_probs(features, *_unpack(flat, d, c)))
+    v_weights, v_bias = _unpack(vector, d, c)
     z = features @ v_weights + v_bias
     r = probs * (z - np.sum(probs * z, axis=1, keepdims=True)) / n
     return np.concatenate([(features.T @ r + strength * v_weights).ravel(), r.sum(axis=0)])
@@ -93,7 +97,7 @@ def fit(features, labels, num_classes, strength, start=None):
     result = optimize.minimize(_objective, x0, args=(features, onehot, strength), jac=True,
                                hessp=_hessian_product, method="trust-ncg", options={"maxiter": 500, "gtol": 1e-8})
     weights, bias = np.zeros((d, num_classes)), np.full(num_classes, _ABSENT_BIAS)
-    weights[:, present], bias[present] = result.x[:d * c].reshape(d, c), result.x[d * c:]
+    weights[:, present], bias[present] = _unpack(result.x, d, c)
     return Fit(weights, bias, strength, bool(result.success))
 
 

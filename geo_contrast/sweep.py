@@ -83,19 +83,20 @@ def _done_path(sweep_dir, name):
     return os.path.join(sweep_dir, LOGS_DIR, f"{name}.done.json")
 
 
-def _finished(sweep_dir, name, command):
+def _finished_command(sweep_dir, name):
+    """The command (without the interpreter, whose path may differ) a cell last finished with, or None."""
     try:
         with open(_done_path(sweep_dir, name)) as f:
-            return json.load(f).get("command") == command[1:]  # The interpreter's path may differ.
-    except (OSError, ValueError):
-        return False
+            return json.load(f).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_cell(sweep_dir, variant, seed, config, overrides):
     """Runs one cell unless it already finished with the same command; returns (status, seconds)."""
     name = cell_name(variant, seed)
     command = cell_command(config, variant, seed, os.path.join(sweep_dir, name), overrides)
-    if _finished(sweep_dir, name, command):
+    if _finished_command(sweep_dir, name) == command[1:]:
         return "skipped (finished earlier)", 0.0
     log_path = os.path.join(sweep_dir, LOGS_DIR, f"{name}.log")
     env = dict(os.environ)
@@ -211,7 +212,7 @@ def write_table(sweep_dir, variants, seeds, command):
     for variant in variants:
         for seed in seeds:
             workdir = os.path.join(sweep_dir, cell_name(variant, seed))
-            if _finished_any(sweep_dir, cell_name(variant, seed)):
+            if _finished_command(sweep_dir, cell_name(variant, seed)) is not None:
                 cells[variant, seed] = results_lib.load(workdir)
     table = aggregate(cells, variants, seeds)
     markdown = render_markdown(table, command)
@@ -223,10 +224,6 @@ def write_table(sweep_dir, variants, seeds, command):
         from geo_contrast import plots  # matplotlib (and TF through plots) only when there is something to draw.
         plots.save(plots.sweep_figure(table), os.path.join(sweep_dir, FIGURE_PNG))
     return markdown
-
-
-def _finished_any(sweep_dir, name):
-    return os.path.exists(_done_path(sweep_dir, name))
 
 
 class _Parser(argparse.ArgumentParser):
